@@ -1,0 +1,1 @@
+"""aioflow: durable orchestrations for asyncio."""
