@@ -259,6 +259,11 @@ class OrchestrationExecutor:
     def is_finished(self) -> bool:
         return self._completion is not None
 
+    @property
+    def replay_error(self) -> BaseException | None:
+        """The NonDeterminismError met while replaying, if any."""
+        return self._fatal
+
     # == applying events ===================================================================
     def _record(self, event: HistoryEvent, new: list[HistoryEvent], *, apply: bool = True) -> None:
         self.history_length += 1
