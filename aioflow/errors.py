@@ -6,7 +6,10 @@ reading a traceback, not for the code that catches it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aioflow.status import FailureDetails
 
 
 class AioflowError(Exception):

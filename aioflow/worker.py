@@ -38,7 +38,6 @@ from aioflow.backend import (
     NewInstance, OrchestrationCompletion, OrchestrationWorkItem, WorkKind,
 )
 from aioflow.engine import Decision, OrchestrationExecutor
-from aioflow.errors import SerializationError, UnknownFunctionError
 from aioflow.events import (
     EventRaised, ExecutionStarted, HistoryEvent, TaskCompleted, TaskFailed, TimerFired,
     decode_event, encode_event,
@@ -147,10 +146,14 @@ class Worker:
             return
         self._stopping.set()
         self._results_ready.set()
-        dispatchers = self._tasks[:2] + self._tasks[3:]
-        for task in dispatchers:
+        orchestrations, activities, flusher, renewer = self._tasks
+        # The dispatch loops check `_stopping` between rounds, so an orchestration batch in
+        # progress is committed rather than left locked until its lease expires.
+        _, late = await asyncio.wait([orchestrations, activities],
+                                     timeout=self.poll_interval + 5.0)
+        for task in (*late, renewer):
             task.cancel()
-        await asyncio.gather(*dispatchers, return_exceptions=True)
+        await asyncio.gather(orchestrations, activities, renewer, return_exceptions=True)
         running = [t for _, t in self._running_activities.values()]
         if running:
             await asyncio.wait(running, timeout=self.shutdown_timeout)
@@ -162,7 +165,6 @@ class Worker:
                 logger.warning("could not release activity task %s", item.task.id, exc_info=True)
         if running:
             await asyncio.gather(*running, return_exceptions=True)
-        flusher = self._tasks[2]
         flusher.cancel()
         await asyncio.gather(flusher, return_exceptions=True)
         await self._flush_results()
@@ -435,7 +437,7 @@ class Worker:
                                                 execution_id=exec_id, result=payload)
         except asyncio.CancelledError:
             raise
-        except (Exception, UnknownFunctionError, SerializationError) as exc:
+        except Exception as exc:
             event = TaskFailed(
                 ts=now, task_id=task_id, execution_id=exec_id, error_type=type(exc).__name__,
                 message=str(exc) or type(exc).__name__,
