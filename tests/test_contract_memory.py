@@ -10,7 +10,14 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from aioflow.backend import Backend, InstanceRecord, Message, WorkKind
+from aioflow.backend import (
+    Backend,
+    InstanceRecord,
+    Message,
+    OrchestrationCompletion,
+    OrchestrationWorkItem,
+    WorkKind,
+)
 from aioflow.errors import ConfigurationError
 from aioflow.status import RuntimeStatus
 from aioflow.testing.conformance import BackendContractSuite
@@ -45,6 +52,16 @@ def record(instance_id: str) -> InstanceRecord:
     )
 
 
+def consume(item: OrchestrationWorkItem, message_ids: list[str]) -> OrchestrationCompletion:
+    """A completion that only consumes `message_ids` and releases the instance."""
+    return OrchestrationCompletion(
+        instance_id=item.instance.instance_id,
+        lock_token=item.lock_token,
+        instance=item.instance,
+        consumed=message_ids,
+    )
+
+
 def test_memory_backend_satisfies_the_protocol() -> None:
     assert isinstance(MemoryBackend(), Backend)
 
@@ -72,32 +89,21 @@ async def test_next_visible_at_follows_delayed_messages_and_leases() -> None:
     clock.now = 1_020.0
     [item] = await store.lock_orchestrations("w", max_items=1, lease_seconds=30.0)
     assert [m.id for m in item.messages] == ["start", "timer"]
-    assert (await store.complete_orchestrations([_consume(item, ["start"])])) == [True]
+    assert (await store.complete_orchestrations([consume(item, ["start"])])) == [True]
     assert store.next_visible_at() is None, "the timer is already visible: nothing in the future"
 
     clock.now = 1_021.0
     [item] = await store.lock_orchestrations("w", max_items=1, lease_seconds=30.0)
-    assert (await store.complete_orchestrations([_consume(item, ["timer"])])) == [True]
+    assert (await store.complete_orchestrations([consume(item, ["timer"])])) == [True]
     await store.send_messages([Message("later", "inst-1", b"{}", visible_at=1_500.0)])
     assert store.next_visible_at() == 1_500.0, "a delayed message of a free instance"
-
-
-def _consume(item, message_ids):  # type: ignore[no-untyped-def]
-    from aioflow.backend import OrchestrationCompletion
-
-    return OrchestrationCompletion(
-        instance_id=item.instance.instance_id,
-        lock_token=item.lock_token,
-        instance=item.instance,
-        consumed=list(message_ids),
-    )
 
 
 async def test_wait_for_work_wakes_on_new_work_and_at_a_delayed_message() -> None:
     store = MemoryBackend()
     await store.create_instance(record("inst-1"), Message("start", "inst-1", b"{}"))
     [item] = await store.lock_orchestrations("w", max_items=1, lease_seconds=30.0)
-    assert (await store.complete_orchestrations([_consume(item, ["start"])])) == [True]
+    assert (await store.complete_orchestrations([consume(item, ["start"])])) == [True]
 
     waiter = asyncio.create_task(store.wait_for_work(WorkKind.ORCHESTRATION, 30.0))
     await asyncio.sleep(0.01)
@@ -106,13 +112,28 @@ async def test_wait_for_work_wakes_on_new_work_and_at_a_delayed_message() -> Non
     await asyncio.wait_for(waiter, 1.0)
 
     [item] = await store.lock_orchestrations("w", max_items=1, lease_seconds=30.0)
-    assert (await store.complete_orchestrations([_consume(item, ["event"])])) == [True]
+    assert (await store.complete_orchestrations([consume(item, ["event"])])) == [True]
     await store.send_messages([Message("timer", "inst-1", b"{}", visible_at=time.time() + 0.2)])
     began = time.monotonic()
     await store.wait_for_work(WorkKind.ORCHESTRATION, 30.0)
     assert 0.1 <= time.monotonic() - began < 1.0, (
         "wait_for_work must return when the delayed message becomes visible, not at timeout"
     )
+
+
+async def test_completions_in_one_call_are_checked_one_after_another() -> None:
+    store = MemoryBackend()
+    await store.create_instance(record("inst-1"), Message("start", "inst-1", b"{}"))
+    [item] = await store.lock_orchestrations("w", max_items=1, lease_seconds=30.0)
+    first = consume(item, ["start"])
+    second = OrchestrationCompletion(
+        instance_id="inst-1", lock_token=item.lock_token, instance=item.instance,
+        new_history=[b"second"],
+    )
+    assert await store.complete_orchestrations([first, second]) == [True, False], (
+        "the first completion released the lock, so the second one's token is no longer current"
+    )
+    assert await store.get_history("inst-1") == []
 
 
 def test_open_backend_shares_named_backends_and_isolates_anonymous_ones() -> None:

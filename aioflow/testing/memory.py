@@ -185,7 +185,9 @@ class MemoryBackend:
             candidates = [
                 iid for iid, inst in self._instances.items() if _matches(inst.record, query)
             ]
-        purged = [iid for iid in candidates if self._instances[iid].record.runtime_status.is_terminal]
+        purged = [
+            iid for iid in candidates if self._instances[iid].record.runtime_status.is_terminal
+        ]
         for iid in purged:
             self._discard_instance(iid)
             for task_id in [t.task.id for t in self._tasks.values() if t.task.instance_id == iid]:
@@ -224,14 +226,14 @@ class MemoryBackend:
         ready.sort(key=lambda entry: entry[0])
 
         items = []
-        for _, instance_id, visible in ready[: max(max_items, 0)]:
+        for _, instance_id, messages in ready[: max(max_items, 0)]:
             instance = self._instances[instance_id]
             instance.lock_token = _new_token()
             instance.locked_until = now + lease_seconds
             items.append(
                 OrchestrationWorkItem(
                     instance=dataclasses.replace(instance.record),
-                    messages=visible[:max_messages],
+                    messages=messages[:max_messages],
                     history_length=len(instance.history),
                     lock_token=instance.lock_token,
                 )
@@ -326,7 +328,9 @@ class MemoryBackend:
         queued.locked_until = 0.0
         self._notify(WorkKind.ACTIVITY)
 
-    async def renew_activity_lease(self, task_id: str, lock_token: str, lease_seconds: float) -> bool:
+    async def renew_activity_lease(
+        self, task_id: str, lock_token: str, lease_seconds: float
+    ) -> bool:
         """Extend the lease to `lease_seconds` from now; False if the token is not current."""
         queued = self._tasks.get(task_id)
         if queued is None or not _holds(queued.lock_token, lock_token):
