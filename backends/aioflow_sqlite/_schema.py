@@ -1,22 +1,24 @@
 """The database schema, and the connection set-up that runs once per connection.
 
-Tables:
+Tables (all prefixed ``aioflow_``, so the file may be shared with an application's own tables):
 
-* ``instances``: one row per instance (the `InstanceRecord` fields) plus the bookkeeping the
-  backend needs: ``history_length``; ``ready_at``, the earliest ``visible_at`` of the instance's
-  unconsumed messages (NULL when its inbox is empty), so finding lockable instances reads one
-  index instead of scanning inboxes; and the lease (``lock_token``, ``locked_by``,
-  ``locked_until``; ``locked_until`` > now also holds back an abandoned instance for its
-  ``retry_after``).
-* ``history``: the append-only event list, clustered by (instance_id, seq).
-* ``messages``: every message ever delivered to an instance. A consumed message keeps its row
-  (``consumed = 1``, payload dropped) so that re-sending its id is ignored for as long as the
-  instance exists; the rows go when the instance is purged or replaced. ``seq`` (the rowid)
-  records send order.
-* ``activities``: the activity queue; a row is deleted when its result is delivered.
+* ``aioflow_instances``: one row per instance (the `InstanceRecord` fields) plus the
+  bookkeeping the backend needs: ``history_length``; ``ready_at``, the earliest ``visible_at``
+  of the instance's unconsumed messages (NULL when its inbox is empty), so finding lockable
+  instances reads one index instead of scanning inboxes; and the lease (``lock_token``,
+  ``locked_by``, ``locked_until``; ``locked_until`` > now also holds back an abandoned instance
+  for its ``retry_after``). An instance is lockable once ``max(ready_at, locked_until)`` has
+  passed; that expression is indexed, so finding work never wades through locked instances.
+* ``aioflow_history``: the append-only event list, clustered by (instance_id, seq).
+* ``aioflow_messages``: every message ever delivered to an instance. A consumed message keeps
+  its row (``consumed = 1``, payload dropped) so that re-sending its id is ignored for as long
+  as the instance exists; the rows go when the instance is purged or replaced. ``seq`` (the
+  rowid) records send order.
+* ``aioflow_activities``: the activity queue; a row is deleted when its result is delivered.
 
-A trigger keeps ``instances.ready_at`` current when a message is inserted (INSERT OR IGNORE
-fires it only when the message is new); writers that consume or delete messages recompute it.
+A trigger keeps ``aioflow_instances.ready_at`` current when a message is inserted (INSERT OR
+IGNORE fires it only when the message is new); writers that consume or delete messages
+recompute it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ CREATE TABLE IF NOT EXISTS aioflow_meta (
     value TEXT NOT NULL
 ) WITHOUT ROWID;
 
-CREATE TABLE IF NOT EXISTS instances (
+CREATE TABLE IF NOT EXISTS aioflow_instances (
     instance_id       TEXT PRIMARY KEY,
     name              TEXT NOT NULL,
     execution_id      TEXT NOT NULL,
@@ -53,21 +55,21 @@ CREATE TABLE IF NOT EXISTS instances (
     locked_by         TEXT,
     locked_until      REAL NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS instances_by_created
-    ON instances (created_time, instance_id);
-CREATE INDEX IF NOT EXISTS instances_by_status
-    ON instances (runtime_status, created_time, instance_id);
-CREATE INDEX IF NOT EXISTS instances_by_ready
-    ON instances (ready_at) WHERE ready_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS aioflow_instances_by_created
+    ON aioflow_instances (created_time, instance_id);
+CREATE INDEX IF NOT EXISTS aioflow_instances_by_status
+    ON aioflow_instances (runtime_status, created_time, instance_id);
+CREATE INDEX IF NOT EXISTS aioflow_instances_by_lockable_at
+    ON aioflow_instances (max(ready_at, locked_until)) WHERE ready_at IS NOT NULL;
 
-CREATE TABLE IF NOT EXISTS history (
+CREATE TABLE IF NOT EXISTS aioflow_history (
     instance_id TEXT NOT NULL,
     seq         INTEGER NOT NULL,
     data        BLOB NOT NULL,
     PRIMARY KEY (instance_id, seq)
 ) WITHOUT ROWID;
 
-CREATE TABLE IF NOT EXISTS messages (
+CREATE TABLE IF NOT EXISTS aioflow_messages (
     seq         INTEGER PRIMARY KEY,
     instance_id TEXT NOT NULL,
     id          TEXT NOT NULL,
@@ -75,18 +77,18 @@ CREATE TABLE IF NOT EXISTS messages (
     visible_at  REAL NOT NULL,
     consumed    INTEGER NOT NULL DEFAULT 0
 );
-CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id
-    ON messages (instance_id, id);
-CREATE INDEX IF NOT EXISTS messages_inbox
-    ON messages (instance_id, visible_at) WHERE consumed = 0;
+CREATE UNIQUE INDEX IF NOT EXISTS aioflow_messages_by_id
+    ON aioflow_messages (instance_id, id);
+CREATE INDEX IF NOT EXISTS aioflow_messages_inbox
+    ON aioflow_messages (instance_id, visible_at) WHERE consumed = 0;
 
-CREATE TRIGGER IF NOT EXISTS messages_mark_ready AFTER INSERT ON messages
+CREATE TRIGGER IF NOT EXISTS aioflow_messages_mark_ready AFTER INSERT ON aioflow_messages
 BEGIN
-    UPDATE instances SET ready_at = NEW.visible_at
+    UPDATE aioflow_instances SET ready_at = NEW.visible_at
     WHERE instance_id = NEW.instance_id AND (ready_at IS NULL OR ready_at > NEW.visible_at);
 END;
 
-CREATE TABLE IF NOT EXISTS activities (
+CREATE TABLE IF NOT EXISTS aioflow_activities (
     seq           INTEGER PRIMARY KEY,
     id            TEXT NOT NULL UNIQUE,
     instance_id   TEXT NOT NULL,
@@ -95,7 +97,7 @@ CREATE TABLE IF NOT EXISTS activities (
     locked_until  REAL NOT NULL DEFAULT 0,
     dequeue_count INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS activities_by_instance ON activities (instance_id);
+CREATE INDEX IF NOT EXISTS aioflow_activities_by_instance ON aioflow_activities (instance_id);
 """
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from sqlite3 import Connection
@@ -83,18 +83,20 @@ def _status(value: RuntimeStatus | str) -> str:
 
 
 _INSERT_INSTANCE = (
-    f"INSERT INTO instances ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO aioflow_instances ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 _INSERT_MESSAGE = (
-    "INSERT OR IGNORE INTO messages (instance_id, id, data, visible_at) VALUES (?, ?, ?, ?)"
+    "INSERT OR IGNORE INTO aioflow_messages (instance_id, id, data, visible_at) VALUES (?, ?, ?, ?)"
 )
 
-_INSERT_ACTIVITY = "INSERT OR IGNORE INTO activities (id, instance_id, data) VALUES (?, ?, ?)"
+_INSERT_ACTIVITY = (
+    "INSERT OR IGNORE INTO aioflow_activities (id, instance_id, data) VALUES (?, ?, ?)"
+)
 
 _RECOMPUTE_READY = (
-    "UPDATE instances SET ready_at = (SELECT MIN(visible_at) FROM messages "
-    "WHERE instance_id = ?1 AND consumed = 0) WHERE instance_id = ?1 RETURNING ready_at"
+    "UPDATE aioflow_instances SET ready_at = (SELECT MIN(visible_at) FROM aioflow_messages "
+    "WHERE instance_id = ?1 AND consumed = 0) WHERE instance_id = ?1"
 )
 
 
@@ -121,18 +123,18 @@ def _activity_params(t: ActivityTask) -> tuple[Any, ...]:
     return (t.id, t.instance_id, t.data)
 
 
-def _recompute_ready(conn: Connection, instance_id: str) -> float | None:
-    rows = conn.execute(_RECOMPUTE_READY, (instance_id,)).fetchall()
-    return rows[0][0] if rows else None
+def _recompute_ready(conn: Connection, instance_id: str) -> None:
+    """Set the instance's ``ready_at`` from its inbox (after messages were consumed/deleted)."""
+    conn.execute(_RECOMPUTE_READY, (instance_id,))
 
 
 def _discard_instance(conn: Connection, instance_id: str) -> None:
     """Delete everything stored for one instance (row, history, inbox and memory, tasks)."""
     params = (instance_id,)
-    conn.execute("DELETE FROM instances WHERE instance_id = ?", params)
-    conn.execute("DELETE FROM history WHERE instance_id = ?", params)
-    conn.execute("DELETE FROM messages WHERE instance_id = ?", params)
-    conn.execute("DELETE FROM activities WHERE instance_id = ?", params)
+    conn.execute("DELETE FROM aioflow_instances WHERE instance_id = ?", params)
+    conn.execute("DELETE FROM aioflow_history WHERE instance_id = ?", params)
+    conn.execute("DELETE FROM aioflow_messages WHERE instance_id = ?", params)
+    conn.execute("DELETE FROM aioflow_activities WHERE instance_id = ?", params)
 
 
 def _create(
@@ -145,7 +147,7 @@ def _create(
     when the row was created.
     """
     rows = conn.execute(
-        "SELECT runtime_status FROM instances WHERE instance_id = ?", (record.instance_id,)
+        "SELECT runtime_status FROM aioflow_instances WHERE instance_id = ?", (record.instance_id,)
     ).fetchall()
     live_status: str | None = None
     if rows:
@@ -178,14 +180,14 @@ def create_instance(conn: Connection, record: InstanceRecord, start: Message) ->
 
 def get_instance(conn: Connection, instance_id: str) -> InstanceRecord | None:
     rows = conn.execute(
-        f"SELECT {_RECORD_COLUMNS} FROM instances WHERE instance_id = ?", (instance_id,)
+        f"SELECT {_RECORD_COLUMNS} FROM aioflow_instances WHERE instance_id = ?", (instance_id,)
     ).fetchall()
     return _record(rows[0]) if rows else None
 
 
 def get_history(conn: Connection, instance_id: str) -> list[bytes]:
     rows = conn.execute(
-        "SELECT data FROM history WHERE instance_id = ? ORDER BY seq", (instance_id,)
+        "SELECT data FROM aioflow_history WHERE instance_id = ? ORDER BY seq", (instance_id,)
     ).fetchall()
     return [r[0] for r in rows]
 
@@ -250,7 +252,7 @@ def query_instances(
         params.extend(decode_continuation(continuation))
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = conn.execute(
-        f"SELECT {_RECORD_COLUMNS} FROM instances {where} "
+        f"SELECT {_RECORD_COLUMNS} FROM aioflow_instances {where} "
         f"ORDER BY created_time, instance_id LIMIT ?",
         (*params, page_size + 1),
     ).fetchall()
@@ -273,21 +275,21 @@ def purge_instances(
         ids = [
             r[0]
             for r in conn.execute(
-                f"SELECT instance_id FROM instances WHERE {' AND '.join(clauses)}", params
+                f"SELECT instance_id FROM aioflow_instances WHERE {' AND '.join(clauses)}", params
             ).fetchall()
         ]
         if instance_id is not None and not ids:
             exists = conn.execute(
-                "SELECT 1 FROM instances WHERE instance_id = ?", (instance_id,)
+                "SELECT 1 FROM aioflow_instances WHERE instance_id = ?", (instance_id,)
             ).fetchall()
             if not exists:
                 # No instance: drop messages that were sent to the id but never had a home.
-                conn.execute("DELETE FROM messages WHERE instance_id = ?", (instance_id,))
+                conn.execute("DELETE FROM aioflow_messages WHERE instance_id = ?", (instance_id,))
         keys = [(i,) for i in ids]
-        conn.executemany("DELETE FROM instances WHERE instance_id = ?", keys)
-        conn.executemany("DELETE FROM history WHERE instance_id = ?", keys)
-        conn.executemany("DELETE FROM messages WHERE instance_id = ?", keys)
-        conn.executemany("DELETE FROM activities WHERE instance_id = ?", keys)
+        conn.executemany("DELETE FROM aioflow_instances WHERE instance_id = ?", keys)
+        conn.executemany("DELETE FROM aioflow_history WHERE instance_id = ?", keys)
+        conn.executemany("DELETE FROM aioflow_messages WHERE instance_id = ?", keys)
+        conn.executemany("DELETE FROM aioflow_activities WHERE instance_id = ?", keys)
         return len(ids)
 
     return write_transaction(conn, body)
@@ -303,24 +305,27 @@ def send_messages(conn: Connection, messages: Sequence[Message]) -> None:
 
 # -- orchestration work items --------------------------------------------------------------
 
-_PEEK_ORCHESTRATION = (
-    "SELECT 1 FROM instances WHERE ready_at <= ?1 AND locked_until <= ?1 LIMIT 1"
-)
+# "Lockable now": has a visible message, and no lease (or an expired one) and no retry delay.
+# Written exactly as the expression index aioflow_instances_by_lockable_at, so SQLite uses it.
+_LOCKABLE = "ready_at IS NOT NULL AND max(ready_at, locked_until) <= ?1"
+_PEEK_ORCHESTRATION = f"SELECT 1 FROM aioflow_instances WHERE {_LOCKABLE} LIMIT 1"
 _SELECT_LOCKABLE = (
-    f"SELECT {_RECORD_COLUMNS}, history_length FROM instances "
-    f"WHERE ready_at <= ?1 AND locked_until <= ?1 ORDER BY ready_at LIMIT ?2"
+    f"SELECT {_RECORD_COLUMNS}, history_length FROM aioflow_instances WHERE {_LOCKABLE} "
+    f"ORDER BY max(ready_at, locked_until) LIMIT ?2"
 )
 _SELECT_VISIBLE = (
-    "SELECT id, data, visible_at FROM messages "
+    "SELECT id, data, visible_at FROM aioflow_messages "
     "WHERE instance_id = ? AND consumed = 0 AND visible_at <= ? ORDER BY seq LIMIT ?"
 )
 _LOCK_INSTANCE = (
-    "UPDATE instances SET lock_token = ?, locked_by = ?, locked_until = ? WHERE instance_id = ?"
+    "UPDATE aioflow_instances SET lock_token = ?, locked_by = ?, locked_until = ? "
+    "WHERE instance_id = ?"
 )
 
 
 def new_token() -> str:
-    return uuid.uuid4().hex
+    """A fresh, unguessable lock token (128 random bits)."""
+    return os.urandom(16).hex()
 
 
 def lock_orchestrations(
@@ -355,83 +360,86 @@ def lock_orchestrations(
     return write_transaction(conn, body)
 
 
+_CHECK_TOKEN = (
+    "SELECT history_length FROM aioflow_instances WHERE instance_id = ? AND lock_token = ?"
+)
+# The row update comes last, so that `ready_at` is recomputed after this step's consumption
+# and its messages to itself, in the same statement.
 _COMPLETE_INSTANCE = """
-UPDATE instances SET
+UPDATE aioflow_instances SET
     name = ?, execution_id = ?, runtime_status = ?, created_time = ?, last_updated_time = ?,
     input = ?, output = ?, custom_status = ?, failure = ?,
-    history_length = (CASE WHEN ? THEN 0 ELSE history_length END) + ?,
+    history_length = ?,
     lock_token = CASE WHEN ? THEN NULL ELSE lock_token END,
     locked_by = CASE WHEN ? THEN NULL ELSE locked_by END,
-    locked_until = CASE WHEN ? THEN 0 ELSE locked_until END
-WHERE instance_id = ? AND lock_token = ?
-RETURNING history_length
+    locked_until = CASE WHEN ? THEN 0 ELSE locked_until END,
+    ready_at = (SELECT MIN(visible_at) FROM aioflow_messages
+                WHERE aioflow_messages.instance_id = aioflow_instances.instance_id AND consumed = 0)
+WHERE instance_id = ?
 """
 _CONSUME = (
-    "UPDATE messages SET consumed = 1, data = NULL "
+    "UPDATE aioflow_messages SET consumed = 1, data = NULL "
     "WHERE instance_id = ? AND id = ? AND consumed = 0"
 )
 
 
 @dataclass(slots=True)
 class CompletionOutcome:
-    """What `complete_orchestrations` committed, and what the caller should wake up for."""
+    """What `complete_orchestrations` committed, and whether to wake orchestration workers."""
 
     committed: list[bool]
-    #: Earliest `ready_at` among the completed instances after commit (leftover messages).
-    ready_at: float | None = None
+    #: After commit, some instance is lockable right now (e.g. a released instance still has
+    #: messages beyond the `max_messages` it was handed).
+    work_ready: bool = False
 
 
-def _complete_one(conn: Connection, c: OrchestrationCompletion) -> tuple[bool, float | None]:
-    r = c.instance
-    n = len(c.new_history)
-    release = c.release
-    rows = conn.execute(
-        _COMPLETE_INSTANCE,
-        (
-            r.name, r.execution_id, _status(r.runtime_status), r.created_time,
-            r.last_updated_time, r.input, r.output, r.custom_status, r.failure,
-            c.reset_history, n, release, release, release,
-            c.instance_id, c.lock_token,
-        ),
-    ).fetchall()
+def _complete_one(conn: Connection, c: OrchestrationCompletion) -> bool:
+    """Apply one completion inside the caller's transaction; False if its lease was lost."""
+    instance_id = c.instance_id
+    rows = conn.execute(_CHECK_TOKEN, (instance_id, c.lock_token)).fetchall()
     if not rows:
-        return False, None  # lease lost: this UPDATE was the first write, nothing happened
+        return False  # lease lost (taken over, or instance replaced/purged): no writes
+    length = 0 if c.reset_history else rows[0][0]
     if c.reset_history:
-        conn.execute("DELETE FROM history WHERE instance_id = ?", (c.instance_id,))
-    if n:
-        base = rows[0][0] - n
+        conn.execute("DELETE FROM aioflow_history WHERE instance_id = ?", (instance_id,))
+    if c.new_history:
         conn.executemany(
-            "INSERT INTO history (instance_id, seq, data) VALUES (?, ?, ?)",
-            [(c.instance_id, base + i, data) for i, data in enumerate(c.new_history)],
+            "INSERT INTO aioflow_history (instance_id, seq, data) VALUES (?, ?, ?)",
+            [(instance_id, length + i, data) for i, data in enumerate(c.new_history)],
         )
+        length += len(c.new_history)
     if c.consumed:
-        conn.executemany(_CONSUME, [(c.instance_id, mid) for mid in c.consumed])
-    # New instances first: replacing a terminal instance clears its inbox, which must not
-    # swallow a message this same step sends to it.
+        conn.executemany(_CONSUME, [(instance_id, mid) for mid in c.consumed])
+    # New instances before messages: replacing a terminal instance clears its inbox, which
+    # must not swallow a message this same step sends to it.
     for new in c.new_instances:
         _create(conn, new.record, new.start, fail_if_live=False)
     if c.messages:
         conn.executemany(_INSERT_MESSAGE, [_message_params(m) for m in c.messages])
     if c.activities:
         conn.executemany(_INSERT_ACTIVITY, [_activity_params(t) for t in c.activities])
-    ready_at = _recompute_ready(conn, c.instance_id) if c.consumed or c.reset_history else None
-    return True, ready_at
+    r = c.instance
+    release = c.release
+    conn.execute(
+        _COMPLETE_INSTANCE,
+        (
+            r.name, r.execution_id, _status(r.runtime_status), r.created_time,
+            r.last_updated_time, r.input, r.output, r.custom_status, r.failure,
+            length, release, release, release, instance_id,
+        ),
+    )
+    return True
 
 
 def complete_orchestrations(
     conn: Connection, completions: Sequence[OrchestrationCompletion]
 ) -> CompletionOutcome:
     def body(conn: Connection) -> CompletionOutcome:
-        outcome = CompletionOutcome([])
-        for c in completions:
-            ok, ready_at = _complete_one(conn, c)
-            outcome.committed.append(ok)
-            if (
-                ok and c.release and ready_at is not None
-                and (outcome.ready_at is None or ready_at < outcome.ready_at)
-            ):
-                outcome.ready_at = ready_at
-        return outcome
+        committed = [_complete_one(conn, c) for c in completions]
+        released = any(ok and c.release for ok, c in zip(committed, completions, strict=True))
+        # One cheap probe for the whole batch instead of reading back every instance's row.
+        ready = released and bool(conn.execute(_PEEK_ORCHESTRATION, (time.time(),)).fetchall())
+        return CompletionOutcome(committed, ready)
 
     return write_transaction(conn, body)
 
@@ -443,7 +451,7 @@ def abandon_orchestration(
 
     def body(conn: Connection) -> bool:
         cur = conn.execute(
-            "UPDATE instances SET lock_token = NULL, locked_by = NULL, locked_until = ? "
+            "UPDATE aioflow_instances SET lock_token = NULL, locked_by = NULL, locked_until = ? "
             "WHERE instance_id = ? AND lock_token = ?",
             (hold_until, instance_id, lock_token),
         )
@@ -457,7 +465,8 @@ def renew_orchestration_lease(
 ) -> bool:
     def body(conn: Connection) -> bool:
         cur = conn.execute(
-            "UPDATE instances SET locked_until = ? WHERE instance_id = ? AND lock_token = ?",
+            "UPDATE aioflow_instances SET locked_until = ? "
+            "WHERE instance_id = ? AND lock_token = ?",
             (time.time() + lease_seconds, instance_id, lock_token),
         )
         return cur.rowcount > 0
@@ -470,9 +479,9 @@ def renew_orchestration_lease(
 # Scanning in seq (rowid) order hands out the oldest task first, including one whose lease
 # expired; the rows skipped are the locked ones at the head of the queue, as many as there are
 # activities in flight.
-_PEEK_ACTIVITY = "SELECT 1 FROM activities WHERE locked_until <= ? LIMIT 1"
+_PEEK_ACTIVITY = "SELECT 1 FROM aioflow_activities WHERE locked_until <= ? LIMIT 1"
 _SELECT_ACTIVITIES = (
-    "SELECT seq, id, instance_id, data, dequeue_count FROM activities "
+    "SELECT seq, id, instance_id, data, dequeue_count FROM aioflow_activities "
     "WHERE locked_until <= ? ORDER BY seq LIMIT ?"
 )
 
@@ -499,7 +508,7 @@ def lock_activities(
                 ActivityWorkItem(ActivityTask(task_id, instance_id, data), token, count + 1)
             )
         conn.executemany(
-            "UPDATE activities SET lock_token = ?, locked_until = ?, "
+            "UPDATE aioflow_activities SET lock_token = ?, locked_until = ?, "
             "dequeue_count = dequeue_count + 1 WHERE seq = ?",
             locks,
         )
@@ -513,7 +522,7 @@ def complete_activities(conn: Connection, results: Sequence[ActivityResult]) -> 
     messages = [_message_params(r.message) for r in results]
 
     def body(conn: Connection) -> None:
-        conn.executemany("DELETE FROM activities WHERE id = ?", deletes)
+        conn.executemany("DELETE FROM aioflow_activities WHERE id = ?", deletes)
         conn.executemany(_INSERT_MESSAGE, messages)
 
     write_transaction(conn, body)
@@ -522,7 +531,7 @@ def complete_activities(conn: Connection, results: Sequence[ActivityResult]) -> 
 def abandon_activity(conn: Connection, task_id: str, lock_token: str) -> bool:
     def body(conn: Connection) -> bool:
         cur = conn.execute(
-            "UPDATE activities SET lock_token = NULL, locked_until = 0 "
+            "UPDATE aioflow_activities SET lock_token = NULL, locked_until = 0 "
             "WHERE id = ? AND lock_token = ?",
             (task_id, lock_token),
         )
@@ -536,7 +545,7 @@ def renew_activity_lease(
 ) -> bool:
     def body(conn: Connection) -> bool:
         cur = conn.execute(
-            "UPDATE activities SET locked_until = ? WHERE id = ? AND lock_token = ?",
+            "UPDATE aioflow_activities SET locked_until = ? WHERE id = ? AND lock_token = ?",
             (time.time() + lease_seconds, task_id, lock_token),
         )
         return cur.rowcount > 0
