@@ -117,6 +117,9 @@ class Worker:
         if self._started:
             raise RuntimeError("this worker was already started")
         self._started = True
+        # Fresh events: a worker may be started again after stop() (even on another loop).
+        self._stopping = asyncio.Event()
+        self._results_ready = asyncio.Event()
         self._activity_slots = asyncio.Semaphore(self.max_concurrent_activities)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self._thread_pool_size or min(32, self.max_concurrent_activities),
@@ -128,8 +131,8 @@ class Worker:
             asyncio.create_task(self._lease_renewer(), name="aioflow leases"),
         ]
         if self.watchdog_seconds > 0:
-            self._watchdog = threading.Thread(target=self._watch, name="aioflow watchdog",
-                                              daemon=True)
+            self._watchdog = threading.Thread(target=self._watch, args=(self._stopping,),
+                                              name="aioflow watchdog", daemon=True)
             self._watchdog.start()
 
     async def run(self) -> None:
@@ -190,11 +193,27 @@ class Worker:
                 await asyncio.sleep(min(self.poll_interval, 1.0))
                 continue
             if not items:
-                await self.backend.wait_for_work(WorkKind.ORCHESTRATION, idle)
+                await self._wait_for_work(WorkKind.ORCHESTRATION, idle)
                 idle = min(idle * 2, self.poll_interval)
                 continue
             idle = 0.001
             await self._process_batch(items)
+            # Yield to the host loop between batches: with a backend whose calls complete
+            # without suspending (the memory backend), this loop would otherwise never let other
+            # coroutines run (other workers, the activity loop, the application) while work lasts.
+            await asyncio.sleep(0)
+
+    async def _wait_for_work(self, kind: WorkKind, timeout: float) -> None:
+        """`backend.wait_for_work`, but a failure (a remote long poll, say) only costs a nap:
+        it must not end the dispatch loop, which would leave a worker that looks alive and
+        does nothing."""
+        try:
+            await self.backend.wait_for_work(kind, timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("waiting for %s work failed; polling instead", kind.value)
+            await asyncio.sleep(timeout)
 
     async def _process_batch(self, items: list[OrchestrationWorkItem]) -> None:
         completions: list[OrchestrationCompletion] = []
@@ -263,7 +282,11 @@ class Worker:
             return OrchestrationCompletion(iid, item.lock_token, record, consumed=consumed), None
         events = self._decode_messages(item.messages)
         executor = self._cache.pop(iid, None)
+        # A cached copy is current only if it is at the stored history's end of the SAME
+        # execution: after another worker ran a continue-as-new (or the id was reused), the new
+        # execution's history can reach the same length, and the stale copy would drop its events.
         if executor is not None and (executor.history_length != item.history_length
+                                     or executor.execution_id != record.execution_id
                                      or executor.is_finished):
             executor.close()
             executor = None
@@ -397,7 +420,7 @@ class Worker:
                 await asyncio.sleep(min(self.poll_interval, 1.0))
                 continue
             if not items:
-                await self.backend.wait_for_work(WorkKind.ACTIVITY, idle)
+                await self._wait_for_work(WorkKind.ACTIVITY, idle)
                 idle = min(idle * 2, self.poll_interval)
                 continue
             idle = 0.001
@@ -479,9 +502,9 @@ class Worker:
                     logger.warning("activity task %s was taken over by another worker", task_id)
 
     # == watchdog ==========================================================================
-    def _watch(self) -> None:
+    def _watch(self, stopping: asyncio.Event) -> None:
         reported: tuple[str, float, int] | None = None
-        while not self._stopping.is_set():
+        while not stopping.is_set():
             time.sleep(min(1.0, self.watchdog_seconds / 2))
             busy = self._busy
             if busy is None or busy is reported:

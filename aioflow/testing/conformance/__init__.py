@@ -12,8 +12,18 @@ its own test suite and providing one fixture::
             store = await open_my_backend(tmp_path)   # open and empty
             yield store
             await store.close()
+
+`OrchestrationSuite` (subclassed the same way) runs every orchestration feature end to end on a
+real worker and client over the backend.
 """
 
 from aioflow.testing.conformance.contract import BackendContractSuite
+from aioflow.testing.conformance.orchestrations import OrchestrationSuite
+from aioflow.testing.conformance.processes import FaultInjectionSuite, MultiProcessSuite
 
-__all__ = ["BackendContractSuite"]
+__all__ = [
+    "BackendContractSuite",
+    "FaultInjectionSuite",
+    "MultiProcessSuite",
+    "OrchestrationSuite",
+]
