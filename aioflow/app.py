@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from aioflow.errors import ConfigurationError, UnknownFunctionError
 from aioflow.serialization import param_annotation, return_annotation
@@ -23,6 +24,9 @@ class Registered:
     is_async: bool
     input_type: Any
     output_type: Any
+    #: Whether the function accepts the input argument (an orchestrator's second positional
+    #: parameter, an activity's first); decided once here rather than on every call.
+    takes_input: bool = True
 
 
 def function_name(fn_or_name: Any) -> str:
@@ -109,6 +113,7 @@ class App:
             is_async=inspect.iscoroutinefunction(fn),
             input_type=param_annotation(fn, input_index),
             output_type=return_annotation(fn),
+            takes_input=_accepts_positional(fn, input_index + 1),
         )
         try:
             setattr(fn, _NAME_ATTR, reg_name)
@@ -127,6 +132,16 @@ class App:
             return self.activities[name]
         except KeyError:
             raise UnknownFunctionError(_unknown("activity", name, self.activities)) from None
+
+
+def _accepts_positional(fn: Callable[..., Any], count: int) -> bool:
+    """Whether `fn` can be called with `count` positional arguments (True if unknowable)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= count or any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
 def _unknown(kind: str, name: str, table: dict[str, Registered]) -> str:

@@ -25,6 +25,12 @@ Correctness contract every backend must meet (the conformance suite in
 * **At-least-once activities.** A locked activity task whose lease expires is handed out again.
   `complete_activities` deletes the task and delivers its result message; a result message
   whose id was already delivered is ignored.
+* **Local hand-offs save round trips, never change the contract.** A completion may ask for its
+  activity tasks to be stored already locked by the completing worker (`activity_lock`): they
+  are then exactly like tasks that worker locked with `lock_activities` (same lease expiry and
+  takeover rules). `complete_activities` may be asked to lock the instances it delivered results
+  to (`lock`): exactly like `lock_orchestrations` restricted to those instances; returning no
+  work items is always allowed.
 
 Times are UTC epoch seconds (floats) everywhere in this module.
 """
@@ -38,6 +44,7 @@ from typing import Protocol, Sequence, runtime_checkable
 from aioflow.status import RuntimeStatus
 
 __all__ = [
+    "ActivityLock",
     "ActivityResult",
     "ActivityTask",
     "ActivityWorkItem",
@@ -47,6 +54,7 @@ __all__ = [
     "Message",
     "NewInstance",
     "OrchestrationCompletion",
+    "OrchestrationLock",
     "OrchestrationWorkItem",
     "PurgeResult",
     "RuntimeStatus",
@@ -127,6 +135,35 @@ class OrchestrationWorkItem:
     lock_token: str
 
 
+@dataclass(frozen=True, slots=True)
+class ActivityLock:
+    """A completing worker's request to keep the activity tasks of its own step.
+
+    The step's `activities` are stored already locked under `lock_token` (one token for all of
+    them), with a lease of `lease_seconds` from the commit and a `dequeue_count` of 1, so the
+    worker runs them without a `lock_activities` round trip. Until the lease expires,
+    `lock_activities` does not hand them out; `renew_activity_lease`, `abandon_activity` and
+    `complete_activities` accept the token. If the worker dies, the lease expires and the tasks
+    are handed out as usual. A task whose id was already queued keeps its existing lock.
+    """
+
+    lock_token: str
+    lease_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestrationLock:
+    """A worker's request, made with `complete_activities`, to lock the instances the results
+    were delivered to, in the same round trip: the same rules as `lock_orchestrations`
+    (lockable instances only, fresh tokens, at most `max_items` items of at most
+    `max_messages` messages each), restricted to those instances."""
+
+    worker_id: str
+    max_items: int
+    lease_seconds: float
+    max_messages: int = 1000
+
+
 @dataclass(slots=True)
 class OrchestrationCompletion:
     """Everything one orchestration step commits, atomically, under the work item's lease.
@@ -138,6 +175,8 @@ class OrchestrationCompletion:
       `activities` go to the activity queue; `new_instances` are sub-orchestrations to create.
     * `instance` is the new row; its `instance_id` is the work item's.
     * `release`: unlock the instance when committed (the usual case). When false the lease is kept.
+    * `activity_lock`: store `activities` already locked by the completing worker (see
+      `ActivityLock`); None queues them for any worker.
     """
 
     instance_id: str
@@ -150,6 +189,7 @@ class OrchestrationCompletion:
     activities: list[ActivityTask] = field(default_factory=list)
     new_instances: list[NewInstance] = field(default_factory=list)
     release: bool = True
+    activity_lock: ActivityLock | None = None
 
 
 @dataclass(slots=True)
@@ -284,9 +324,16 @@ class Backend(Protocol):
         """Lock up to `max_items` activity tasks that are not locked (or whose lease expired)."""
         ...
 
-    async def complete_activities(self, results: Sequence[ActivityResult]) -> None:
+    async def complete_activities(
+        self, results: Sequence[ActivityResult], *, lock: OrchestrationLock | None = None
+    ) -> list[OrchestrationWorkItem]:
         """For each result: delete its task (if still there) and deliver its message (ignored if
-        that message id was already delivered). Ideally all in one transaction."""
+        that message id was already delivered). Ideally all in one transaction.
+
+        With `lock`, the backend may also lock instances the results were delivered to (see
+        `OrchestrationLock`) and return them as work items for the caller, which then owns them
+        exactly as if `lock_orchestrations` had returned them. It may always return [].
+        """
         ...
 
     async def abandon_activity(self, task_id: str, lock_token: str) -> None:

@@ -15,22 +15,37 @@ with `NonDeterminismError` naming the step and both commands.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from aioflow.app import App, function_name
 from aioflow.context import OrchestrationContext
 from aioflow.errors import (
-    NonDeterminismError, NonDeterministicOperationError, SerializationError, TaskFailedError,
+    NonDeterminismError,
+    NonDeterministicOperationError,
+    SerializationError,
+    TaskFailedError,
 )
 from aioflow.events import (
-    EventRaised, ExecutionCompleted, ExecutionResumed, ExecutionStarted, ExecutionSuspended,
-    ExecutionTerminated, HistoryEvent, OrchestratorStarted, SubOrchestrationCompleted,
-    SubOrchestrationCreated, SubOrchestrationFailed, TaskCompleted, TaskFailed, TaskScheduled,
-    TimerCreated, TimerFired,
+    EventRaised,
+    ExecutionCompleted,
+    ExecutionResumed,
+    ExecutionStarted,
+    ExecutionSuspended,
+    ExecutionTerminated,
+    HistoryEvent,
+    OrchestratorStarted,
+    SubOrchestrationCompleted,
+    SubOrchestrationCreated,
+    SubOrchestrationFailed,
+    TaskCompleted,
+    TaskFailed,
+    TaskScheduled,
+    TimerCreated,
+    TimerFired,
 )
 from aioflow.loop import DurableTimerHandle, ReplayLoop
 from aioflow.retry import RetryPolicy
@@ -141,7 +156,8 @@ class OrchestrationExecutor:
         self.runtime_status = RuntimeStatus.PENDING
         self.loop = ReplayLoop(self)
         self.ctx = OrchestrationContext(self)
-        self._main: asyncio.Task[Any] | None = None
+        # The orchestrator's main task (a cancelled placeholder future if it could not start).
+        self._main: asyncio.Future[Any] | None = None
         self._next_id = 0
         self._pending: dict[int, _Pending] = {}
         self._received: set[int] = set()
@@ -396,7 +412,7 @@ class OrchestrationExecutor:
         try:
             reg = self.app.get_orchestrator(event.name)
             value = from_json_value(event.input, reg.input_type)
-            coro = reg.fn(self.ctx, value) if _takes_input(reg.fn) else reg.fn(self.ctx)
+            coro = reg.fn(self.ctx, value) if reg.takes_input else reg.fn(self.ctx)
         except Exception as exc:
             self._main = self.loop.create_future()  # a placeholder so later events are handled
             self._main.cancel()
@@ -418,7 +434,7 @@ class OrchestrationExecutor:
         self._unconfirmed.clear()
         self.close()
 
-    def _complete_from(self, main: asyncio.Task[Any]) -> None:
+    def _complete_from(self, main: asyncio.Future[Any]) -> None:
         if main.cancelled():
             self._complete_failed(asyncio.CancelledError(
                 "the orchestrator's main task was cancelled"))
@@ -625,8 +641,9 @@ class OrchestrationExecutor:
             waiters.append(future)
 
             def forget(f: asyncio.Future[Any]) -> None:
-                if f.cancelled() and f in waiters:
-                    waiters.remove(f)
+                # B023: `for`'s `else` runs once, so `waiters` is never rebound under `forget`.
+                if f.cancelled() and f in waiters:  # noqa: B023
+                    waiters.remove(f)  # noqa: B023
             future.add_done_callback(forget)
         if timeout is None:
             return future
@@ -652,15 +669,6 @@ class OrchestrationExecutor:
 
     def set_custom_status(self, value: Any) -> None:
         self._custom_status = to_json_value(value, what="the custom status")
-
-
-def _takes_input(fn: Callable[..., Any]) -> bool:
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return True
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
 def _command_name(event: HistoryEvent) -> str:

@@ -13,6 +13,11 @@ Guarantees:
   and duplicate results are ignored by task id.
 * Recently active instances stay in a bounded LRU cache, so a step costs the new events only; a
   cache miss (cold start, or another worker moved the instance on) replays history once.
+* Few round trips per step: a step's activity tasks are committed already locked by this
+  worker when it has free activity slots (no `lock_activities` call), and committing activity
+  results also locks the instances they wake (no `lock_orchestrations` call): on SQLite a
+  sequential chain costs two transactions per step. Other workers still take over anything
+  whose lease expires.
 * Graceful shutdown: no new work is claimed; running activities get `shutdown_timeout` seconds to
   finish and have their results committed, and are otherwise released for another worker.
 """
@@ -34,8 +39,9 @@ from typing import Any, Callable
 
 from aioflow.app import App
 from aioflow.backend import (
-    ActivityResult, ActivityTask, ActivityWorkItem, Backend, InstanceRecord, Message,
-    NewInstance, OrchestrationCompletion, OrchestrationWorkItem, WorkKind,
+    ActivityLock, ActivityResult, ActivityTask, ActivityWorkItem, Backend, InstanceRecord,
+    Message, NewInstance, OrchestrationCompletion, OrchestrationLock, OrchestrationWorkItem,
+    WorkKind,
 )
 from aioflow.engine import Decision, OrchestrationExecutor
 from aioflow.events import (
@@ -98,6 +104,10 @@ class Worker:
         self._activity_slots: asyncio.Semaphore | None = None
         self._results: list[ActivityResult] = []
         self._results_ready = asyncio.Event()
+        #: Orchestration work items locked and not yet committed or released (all sources).
+        self._orchestrations_in_flight = 0
+        #: Batches handed over by `complete_activities` (processed beside the main loop).
+        self._handoffs: set[asyncio.Task[None]] = set()
         self._started = False
         self._busy: tuple[str, float, int] | None = None
         self._watchdog: threading.Thread | None = None
@@ -157,6 +167,9 @@ class Worker:
         for task in (*late, renewer):
             task.cancel()
         await asyncio.gather(orchestrations, activities, renewer, return_exceptions=True)
+        # Steps handed over by the result flusher before we stopped: let them commit too.
+        if self._handoffs:
+            await asyncio.wait(set(self._handoffs), timeout=self.poll_interval + 5.0)
         running = [t for _, t in self._running_activities.values()]
         if running:
             await asyncio.wait(running, timeout=self.shutdown_timeout)
@@ -168,9 +181,23 @@ class Worker:
                 logger.warning("could not release activity task %s", item.task.id, exc_info=True)
         if running:
             await asyncio.gather(*running, return_exceptions=True)
-        flusher.cancel()
+        # The flusher exits after its current flush (it does not lock instances while
+        # stopping); cancelling it mid-call could lose instances it had just locked.
+        _, late = await asyncio.wait([flusher], timeout=self.shutdown_timeout)
+        for task in late:
+            task.cancel()
         await asyncio.gather(flusher, return_exceptions=True)
-        await self._flush_results()
+        try:
+            async with asyncio.timeout(self.shutdown_timeout):
+                await self._flush_results()
+        except TimeoutError:
+            logger.error("could not commit %d activity results before shutdown; their tasks "
+                         "stay queued and run again when their leases expire",
+                         len(self._results))
+            self._results = []
+        for task in list(self._handoffs):
+            task.cancel()
+        await asyncio.gather(*self._handoffs, return_exceptions=True)
         for executor in self._cache.values():
             executor.close()
         self._cache.clear()
@@ -182,10 +209,13 @@ class Worker:
     async def _orchestration_loop(self) -> None:
         idle = 0.001
         while not self._stopping.is_set():
+            free = self.max_concurrent_orchestrations - self._orchestrations_in_flight
+            if free <= 0:  # hand-overs fill every slot
+                await asyncio.sleep(0.001)
+                continue
             try:
                 items = await self.backend.lock_orchestrations(
-                    self.worker_id, max_items=self.max_concurrent_orchestrations,
-                    lease_seconds=self.lease_seconds)
+                    self.worker_id, max_items=free, lease_seconds=self.lease_seconds)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -197,11 +227,18 @@ class Worker:
                 idle = min(idle * 2, self.poll_interval)
                 continue
             idle = 0.001
-            await self._process_batch(items)
-            # Yield to the host loop between batches: with a backend whose calls complete
-            # without suspending (the memory backend), this loop would otherwise never let other
-            # coroutines run (other workers, the activity loop, the application) while work lasts.
-            await asyncio.sleep(0)
+            await self._run_batch(items)
+            if len(items) < free:
+                # A partial batch took all the work that was visible: polling again at once
+                # would almost always find nothing (one wasted backend round trip per step).
+                # Work written since (by this process) sets the backend's wake-up, so this
+                # returns at once then; other processes' work is found by the short poll.
+                await self._wait_for_work(WorkKind.ORCHESTRATION, idle)
+            else:
+                # Yield to the host loop between batches: with a backend whose calls complete
+                # without suspending (the memory backend), this loop would otherwise never let
+                # other coroutines run (other workers, the activity loop, the application).
+                await asyncio.sleep(0)
 
     async def _wait_for_work(self, kind: WorkKind, timeout: float) -> None:
         """`backend.wait_for_work`, but a failure (a remote long poll, say) only costs a nap:
@@ -214,6 +251,20 @@ class Worker:
         except Exception:
             logger.exception("waiting for %s work failed; polling instead", kind.value)
             await asyncio.sleep(timeout)
+
+    async def _run_batch(self, items: list[OrchestrationWorkItem]) -> None:
+        """Process locked items (counted in flight from when they were locked until now)."""
+        self._orchestrations_in_flight += len(items)
+        try:
+            await self._process_batch(items)
+        finally:
+            self._orchestrations_in_flight -= len(items)
+
+    def _hand_over(self, items: list[OrchestrationWorkItem]) -> None:
+        """Process instances that `complete_activities` locked for us, beside the main loop."""
+        task = asyncio.create_task(self._run_batch(items), name="aioflow hand-over")
+        self._handoffs.add(task)
+        task.add_done_callback(self._handoffs.discard)
 
     async def _process_batch(self, items: list[OrchestrationWorkItem]) -> None:
         completions: list[OrchestrationCompletion] = []
@@ -234,6 +285,7 @@ class Worker:
             executors.append(executor)
         if not completions:
             return
+        self._keep_activities(completions)
         try:
             committed = await self.backend.complete_orchestrations(completions)
         except Exception:
@@ -242,8 +294,12 @@ class Worker:
             for c in completions:
                 self._evict(c.instance_id)
             return
-        for completion, executor, ok in zip(completions, executors, committed):
+        for completion, executor, ok in zip(completions, executors, committed, strict=True):
             iid = completion.instance_id
+            lock = completion.activity_lock
+            if ok and lock is not None:
+                for task in completion.activities:
+                    self._start_activity(ActivityWorkItem(task, lock.lock_token, 1))
             if not ok:
                 self.stats["fenced"] += 1
                 logger.info("lease on %s was lost to another worker; step discarded", iid)
@@ -257,6 +313,20 @@ class Worker:
                 while len(self._cache) > self.cache_size:
                     _, old = self._cache.popitem(last=False)
                     old.close()
+
+    def _keep_activities(self, completions: list[OrchestrationCompletion]) -> None:
+        """Ask the backend to commit the new activity tasks already locked by this worker,
+        for steps whose tasks all fit in the free activity slots (a big fan-out goes through
+        the queue, where other workers can share it)."""
+        if self._stopping.is_set():
+            return
+        free = self.max_concurrent_activities - len(self._running_activities)
+        for completion in completions:
+            n = len(completion.activities)
+            if 0 < n <= free:
+                completion.activity_lock = ActivityLock(os.urandom(16).hex(),
+                                                        self.lease_seconds)
+                free -= n
 
     async def _abandon(self, item: OrchestrationWorkItem, retry_after: float = 0.0) -> None:
         try:
@@ -428,8 +498,27 @@ class Worker:
                 await slots.acquire()
                 task = asyncio.create_task(self._run_activity(item))
                 self._running_activities[item.task.id] = (item, task)
+                self.stats["activities_locked"] += 1
+            if len(items) < min(free, self.activity_batch_size):
+                # All visible tasks were taken: wait for a wake-up instead of an empty poll.
+                await self._wait_for_work(WorkKind.ACTIVITY, idle)
 
-    async def _run_activity(self, item: ActivityWorkItem) -> None:
+    def _start_activity(self, item: ActivityWorkItem) -> None:
+        """Run a task this worker already holds (committed locked by its own step)."""
+        if item.task.id in self._running_activities:
+            return
+        task = asyncio.create_task(self._run_activity(item, take_slot=True))
+        self._running_activities[item.task.id] = (item, task)
+        self.stats["activities_kept"] += 1
+
+    async def _run_activity(self, item: ActivityWorkItem, *, take_slot: bool = False) -> None:
+        assert self._activity_slots is not None
+        if take_slot:
+            try:
+                await self._activity_slots.acquire()
+            except BaseException:
+                self._running_activities.pop(item.task.id, None)
+                raise
         try:
             message = await self._execute_activity(item.task)
             self._results.append(ActivityResult(item.task.id, item.lock_token, message))
@@ -449,7 +538,7 @@ class Worker:
         try:
             reg = self.app.get_activity(name)
             value = from_json_value(spec.get("input"), reg.input_type)
-            args = (value,) if _takes_arg(reg.fn) else ()
+            args = (value,) if reg.takes_input else ()
             if reg.is_async:
                 result = await reg.fn(*args)
             else:
@@ -468,7 +557,7 @@ class Worker:
         return Message(id=mid, instance_id=iid, data=encode_event(event))
 
     async def _result_flusher(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             await self._results_ready.wait()
             self._results_ready.clear()
             await self._flush_results()
@@ -476,8 +565,13 @@ class Worker:
     async def _flush_results(self) -> None:
         while self._results:
             batch, self._results = self._results, []
+            lock = None
+            free = self.max_concurrent_orchestrations - self._orchestrations_in_flight
+            if free > 0 and not self._stopping.is_set():
+                # Lock the instances these results wake in the same round trip.
+                lock = OrchestrationLock(self.worker_id, free, self.lease_seconds)
             try:
-                await self.backend.complete_activities(batch)
+                items = await self.backend.complete_activities(batch, lock=lock)
             except asyncio.CancelledError:
                 self._results = batch + self._results
                 raise
@@ -485,6 +579,10 @@ class Worker:
                 logger.exception("committing %d activity results failed; retrying", len(batch))
                 self._results = batch + self._results
                 await asyncio.sleep(0.5)
+                continue
+            if items:
+                self.stats["handed_over"] += len(items)
+                self._hand_over(list(items))
 
     async def _lease_renewer(self) -> None:
         """Keep leases of long-running activities alive."""
@@ -524,14 +622,3 @@ class Worker:
 
 def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     return fn(*args)
-
-
-def _takes_arg(fn: Callable[..., Any]) -> bool:
-    import inspect
-
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return True
-    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
-               for p in params)

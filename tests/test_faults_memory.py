@@ -4,6 +4,7 @@ applied, and the workflow still completes exactly once with the right output."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -39,6 +40,16 @@ class _Gated(FaultyBackend):
         items = await self.inner.lock_orchestrations(worker_id, **kwargs)
         if items:
             self.allowed -= 1
+        return items
+
+    async def complete_activities(self, results: Any, *, lock: Any = None) -> list[Any]:
+        # The worker may lock the woken instance while committing a result: gate that too.
+        if lock is not None and self.allowed > 0:
+            lock = dataclasses.replace(lock, max_items=min(lock.max_items, self.allowed))
+        else:
+            lock = None
+        items = await super().complete_activities(results, lock=lock)
+        self.allowed -= len(items)
         return items
 
 

@@ -39,6 +39,7 @@ from aioflow.backend import (
     InstanceRecord,
     Message,
     OrchestrationCompletion,
+    OrchestrationLock,
     OrchestrationWorkItem,
     PurgeResult,
     WorkKind,
@@ -191,10 +192,13 @@ class FaultyBackend:
         await self.inner.abandon_orchestration(instance_id, lock_token, retry_after=retry_after)
         self._after(write)
 
-    async def complete_activities(self, results: Sequence[ActivityResult]) -> None:
+    async def complete_activities(
+        self, results: Sequence[ActivityResult], *, lock: OrchestrationLock | None = None
+    ) -> list[OrchestrationWorkItem]:
         write = self._before("complete_activities", _ids(r.task_id for r in results))
-        await self.inner.complete_activities(results)
-        self._after(write)
+        items = await self.inner.complete_activities(results, lock=lock)
+        self._after(write)  # "after": committed, and any instances it locked stay locked
+        return list(items or [])
 
     async def abandon_activity(self, task_id: str, lock_token: str) -> None:
         write = self._before("abandon_activity", task_id)

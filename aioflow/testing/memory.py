@@ -27,11 +27,12 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
 from aioflow.backend import (
+    ActivityLock,
     ActivityResult,
     ActivityTask,
     ActivityWorkItem,
@@ -40,6 +41,7 @@ from aioflow.backend import (
     Message,
     NewInstance,
     OrchestrationCompletion,
+    OrchestrationLock,
     OrchestrationWorkItem,
     PurgeResult,
     WorkKind,
@@ -215,10 +217,17 @@ class MemoryBackend:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, got {max_messages}")
+        return self._lock_instances(self._instances, worker_id, max_items, lease_seconds,
+                                    max_messages)
+
+    def _lock_instances(self, candidates: Iterable[str], worker_id: str, max_items: int,
+                        lease_seconds: float, max_messages: int) -> list[OrchestrationWorkItem]:
+        """Lock up to `max_items` of the lockable instances among `candidates`."""
         now = self.clock()
         ready: list[tuple[int, str, list[Message]]] = []
-        for instance_id, instance in self._instances.items():
-            if instance.locked_until > now:
+        for instance_id in candidates:
+            instance = self._instances.get(instance_id)
+            if instance is None or instance.locked_until > now:
                 continue
             visible = self._visible_messages(instance_id, now)
             if visible:
@@ -262,7 +271,8 @@ class MemoryBackend:
             flags.append(True)
         if any(flags):
             self._notify(WorkKind.ORCHESTRATION)
-            if any(c.activities for c, ok in zip(completions, flags, strict=True) if ok):
+            if any(c.activities and c.activity_lock is None
+                   for c, ok in zip(completions, flags, strict=True) if ok):
                 self._notify(WorkKind.ACTIVITY)
         return flags
 
@@ -309,15 +319,28 @@ class MemoryBackend:
             items.append(ActivityWorkItem(queued.task, queued.lock_token, queued.dequeue_count))
         return items
 
-    async def complete_activities(self, results: Sequence[ActivityResult]) -> None:
+    async def complete_activities(
+        self, results: Sequence[ActivityResult], *, lock: OrchestrationLock | None = None
+    ) -> list[OrchestrationWorkItem]:
         """Delete each result's task (if still queued, whoever holds it) and deliver its message
-        (ignored if that message id was already delivered to the instance)."""
-        delivered = False
+        (ignored if that message id was already delivered to the instance). With `lock`, lock
+        the lockable instances among those the results went to and return them."""
+        if lock is not None:
+            _check_lock(lock)
+        delivered: set[str] = set()
         for result in results:
             self._tasks.pop(result.task_id, None)
-            delivered = self._deliver(result.message) or delivered
-        if delivered:
+            if self._deliver(result.message):
+                delivered.add(result.message.instance_id)
+        items: list[OrchestrationWorkItem] = []
+        if lock is not None and delivered:
+            items = self._lock_instances(
+                [i for i in dict.fromkeys(r.message.instance_id for r in results)
+                 if i in delivered],
+                lock.worker_id, lock.max_items, lock.lease_seconds, lock.max_messages)
+        if len(items) < len(delivered):  # someone else may take the rest
             self._notify(WorkKind.ORCHESTRATION)
+        return items
 
     async def abandon_activity(self, task_id: str, lock_token: str) -> None:
         """Make a locked task available again now. A token that is not current is ignored."""
@@ -422,9 +445,15 @@ class MemoryBackend:
         inbox.messages[message.id] = (next(self._sequence), message)
         return True
 
-    def _enqueue(self, task: ActivityTask) -> None:
-        if task.id not in self._tasks:
+    def _enqueue(self, task: ActivityTask, lock: ActivityLock | None = None) -> None:
+        if task.id in self._tasks:
+            return
+        if lock is None:
             self._tasks[task.id] = _Task(task=task)
+        else:
+            self._tasks[task.id] = _Task(task=task, lock_token=lock.lock_token,
+                                         locked_until=self.clock() + lock.lease_seconds,
+                                         dequeue_count=1)
 
     def _apply(self, instance: _Instance, completion: OrchestrationCompletion) -> None:
         if completion.reset_history:
@@ -441,7 +470,7 @@ class MemoryBackend:
         for message in completion.messages:
             self._deliver(message)
         for task in completion.activities:
-            self._enqueue(task)
+            self._enqueue(task, completion.activity_lock)
         if completion.release and self._instances.get(completion.instance_id) is instance:
             instance.lock_token = None
             instance.locked_until = 0.0
@@ -494,6 +523,13 @@ class MemoryBackend:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _check_lock(lock: OrchestrationLock) -> None:
+    if lock.lease_seconds <= 0:
+        raise ValueError(f"lease_seconds must be positive, got {lock.lease_seconds}")
+    if lock.max_messages < 1:
+        raise ValueError(f"max_messages must be at least 1, got {lock.max_messages}")
 
 
 def _new_token() -> str:

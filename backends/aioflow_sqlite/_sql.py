@@ -30,6 +30,7 @@ from aioflow.backend import (
     InstanceRecord,
     Message,
     OrchestrationCompletion,
+    OrchestrationLock,
     OrchestrationWorkItem,
 )
 from aioflow.errors import InstanceExistsError
@@ -92,6 +93,11 @@ _INSERT_MESSAGE = (
 
 _INSERT_ACTIVITY = (
     "INSERT OR IGNORE INTO aioflow_activities (id, instance_id, data) VALUES (?, ?, ?)"
+)
+# A task the completing worker keeps (ActivityLock): stored as if it had locked it once.
+_INSERT_LOCKED_ACTIVITY = (
+    "INSERT OR IGNORE INTO aioflow_activities "
+    "(id, instance_id, data, lock_token, locked_until, dequeue_count) VALUES (?, ?, ?, ?, ?, 1)"
 )
 
 _RECOMPUTE_READY = (
@@ -339,25 +345,36 @@ def lock_orchestrations(
 
     def body(conn: Connection) -> list[OrchestrationWorkItem]:
         now = time.time()  # read again: BEGIN IMMEDIATE may have waited for the lock
-        until = now + lease_seconds
-        items: list[OrchestrationWorkItem] = []
-        locks: list[tuple[str, str, float, str]] = []
-        for row in conn.execute(_SELECT_LOCKABLE, (now, max_items)).fetchall():
-            instance_id = row[0]
-            messages = [
-                Message(m[0], instance_id, m[1], m[2])
-                for m in conn.execute(_SELECT_VISIBLE, (instance_id, now, max_messages))
-            ]
-            if not messages:  # ready_at was stale (cannot happen unless edited by hand)
-                _recompute_ready(conn, instance_id)
-                continue
-            token = new_token()
-            locks.append((token, worker_id, until, instance_id))
-            items.append(OrchestrationWorkItem(_record(row), messages, row[10], token))
-        conn.executemany(_LOCK_INSTANCE, locks)
-        return items
+        rows = conn.execute(_SELECT_LOCKABLE, (now, max_items)).fetchall()
+        return _lock_rows(conn, rows, worker_id, now, lease_seconds, max_messages)
 
     return write_transaction(conn, body)
+
+
+def _lock_rows(
+    conn: Connection, rows: Sequence[Sequence[Any]], worker_id: str, now: float,
+    lease_seconds: float, max_messages: int,
+) -> list[OrchestrationWorkItem]:
+    """Lock the lockable instance rows `rows` (record columns + history_length) for
+    `worker_id`, inside the caller's write transaction; one work item each."""
+    until = now + lease_seconds
+    items: list[OrchestrationWorkItem] = []
+    locks: list[tuple[str, str, float, str]] = []
+    for row in rows:
+        instance_id = row[0]
+        messages = [
+            Message(m[0], instance_id, m[1], m[2])
+            for m in conn.execute(_SELECT_VISIBLE, (instance_id, now, max_messages))
+        ]
+        if not messages:  # ready_at was stale (cannot happen unless edited by hand)
+            _recompute_ready(conn, instance_id)
+            continue
+        token = new_token()
+        locks.append((token, worker_id, until, instance_id))
+        items.append(OrchestrationWorkItem(_record(row), messages, row[10], token))
+    if locks:
+        conn.executemany(_LOCK_INSTANCE, locks)
+    return items
 
 
 _CHECK_TOKEN = (
@@ -417,7 +434,15 @@ def _complete_one(conn: Connection, c: OrchestrationCompletion) -> bool:
     if c.messages:
         conn.executemany(_INSERT_MESSAGE, [_message_params(m) for m in c.messages])
     if c.activities:
-        conn.executemany(_INSERT_ACTIVITY, [_activity_params(t) for t in c.activities])
+        lock = c.activity_lock
+        if lock is None:
+            conn.executemany(_INSERT_ACTIVITY, [_activity_params(t) for t in c.activities])
+        else:
+            until = time.time() + lock.lease_seconds
+            conn.executemany(
+                _INSERT_LOCKED_ACTIVITY,
+                [(t.id, t.instance_id, t.data, lock.lock_token, until) for t in c.activities],
+            )
     r = c.instance
     release = c.release
     conn.execute(
@@ -517,15 +542,33 @@ def lock_activities(
     return write_transaction(conn, body)
 
 
-def complete_activities(conn: Connection, results: Sequence[ActivityResult]) -> None:
+_SELECT_LOCKABLE_ONE = (
+    f"SELECT {_RECORD_COLUMNS}, history_length FROM aioflow_instances "
+    f"WHERE instance_id = ?2 AND ready_at IS NOT NULL AND max(ready_at, locked_until) <= ?1"
+)
+
+
+def complete_activities(
+    conn: Connection, results: Sequence[ActivityResult], lock: OrchestrationLock | None
+) -> list[OrchestrationWorkItem]:
     deletes = [(r.task_id,) for r in results]
     messages = [_message_params(r.message) for r in results]
+    targets = list(dict.fromkeys(r.message.instance_id for r in results))
 
-    def body(conn: Connection) -> None:
+    def body(conn: Connection) -> list[OrchestrationWorkItem]:
         conn.executemany("DELETE FROM aioflow_activities WHERE id = ?", deletes)
         conn.executemany(_INSERT_MESSAGE, messages)
+        if lock is None or lock.max_items <= 0:
+            return []
+        now = time.time()
+        rows = []
+        for instance_id in targets:
+            rows.extend(conn.execute(_SELECT_LOCKABLE_ONE, (now, instance_id)).fetchall())
+            if len(rows) >= lock.max_items:
+                break
+        return _lock_rows(conn, rows, lock.worker_id, now, lock.lease_seconds, lock.max_messages)
 
-    write_transaction(conn, body)
+    return write_transaction(conn, body)
 
 
 def abandon_activity(conn: Connection, task_id: str, lock_token: str) -> bool:

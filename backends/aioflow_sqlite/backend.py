@@ -65,6 +65,7 @@ from aioflow.backend import (
     InstanceRecord,
     Message,
     OrchestrationCompletion,
+    OrchestrationLock,
     OrchestrationWorkItem,
     PurgeResult,
     WorkKind,
@@ -420,7 +421,7 @@ class SqliteBackend:
             if ok:
                 self._wake_for_messages(c.messages)
                 self._wake_for_messages(n.start for n in c.new_instances)
-                activities = activities or bool(c.activities)
+                activities = activities or bool(c.activities and c.activity_lock is None)
         if activities:
             self._wake(WorkKind.ACTIVITY)
         if outcome.work_ready:
@@ -455,13 +456,23 @@ class SqliteBackend:
         (their `dequeue_count` then exceeds 1)."""
         return await self._call(_sql.lock_activities, max_items, lease_seconds)
 
-    async def complete_activities(self, results: Sequence[ActivityResult]) -> None:
+    async def complete_activities(
+        self, results: Sequence[ActivityResult], *, lock: OrchestrationLock | None = None
+    ) -> list[OrchestrationWorkItem]:
         """In one transaction: delete each task (if still there, whoever holds it) and
-        deliver each result message (ignored if its id was already delivered)."""
+        deliver each result message (ignored if its id was already delivered). With `lock`,
+        the same transaction locks the lockable instances among those the results went to
+        (in the order of `results`, at most `lock.max_items`) and returns them."""
         if not results:
-            return
-        await self._call(_sql.complete_activities, results)
-        self._wake_for_messages(r.message for r in results)
+            return []
+        if lock is not None and (lock.lease_seconds <= 0 or lock.max_messages < 1):
+            raise ValueError(f"invalid {lock!r}: lease_seconds must be positive and "
+                             f"max_messages at least 1")
+        items = await self._call(_sql.complete_activities, results, lock)
+        taken = {item.instance.instance_id for item in items}
+        self._wake_for_messages(r.message for r in results
+                                if r.message.instance_id not in taken)
+        return items
 
     async def abandon_activity(self, task_id: str, lock_token: str) -> None:
         """Make a locked task available again now. A stale token is ignored."""
