@@ -25,6 +25,7 @@ import pytest
 import pytest_asyncio
 
 from aioflow.backend import (
+    ActivityLock,
     ActivityResult,
     ActivityTask,
     ActivityWorkItem,
@@ -34,6 +35,7 @@ from aioflow.backend import (
     Message,
     NewInstance,
     OrchestrationCompletion,
+    OrchestrationLock,
     OrchestrationWorkItem,
     WorkKind,
 )
@@ -976,6 +978,107 @@ class BackendContractSuite:
             f"max_items=2 must lock 2 of 3 tasks and leave 1; got {len(batch)} then {len(rest)}"
         )
         assert {w.task.id for w in batch + rest} == {t.id for t in tasks}
+
+    # -- local hand-offs ------------------------------------------------------------------------
+
+    async def test_activity_lock_stores_the_tasks_locked_by_the_completing_worker(
+        self, backend: Backend
+    ) -> None:
+        await self.start(backend, "inst-1")
+        item = await self.lock_one(backend, "inst-1", what="a step keeping its activities")
+        tasks = [make_task("inst-1") for _ in range(2)]
+        kept = ActivityLock("kept-token", self.short_lease)
+        assert await backend.complete_orchestrations(
+            [completion_for(item, activities=tasks, activity_lock=kept)]
+        ) == [True]
+        assert await backend.lock_activities(
+            "worker-b", max_items=10, lease_seconds=LONG_LEASE
+        ) == [], (
+            "tasks committed with an ActivityLock are held by the completing worker: "
+            "lock_activities must not hand them out while that lease lasts"
+        )
+        assert await backend.renew_activity_lease(tasks[0].id, "kept-token", LONG_LEASE), (
+            "renew_activity_lease must accept the ActivityLock's token"
+        )
+        await backend.abandon_activity(tasks[0].id, "kept-token")
+        again = await self.lock_task(backend, "worker-b", LONG_LEASE, "after abandon")
+        assert again.task == tasks[0] and again.dequeue_count == 2, (
+            "abandon_activity with the ActivityLock's token must release the task, and its "
+            f"next hand-out counts as the second (got dequeue_count {again.dequeue_count})"
+        )
+        await self.wait_out(self.short_lease)
+        expired = await self.lock_task(backend, "worker-c", LONG_LEASE, "after lease expiry")
+        assert expired.task == tasks[1] and expired.dequeue_count == 2, (
+            "a kept task whose lease expired must be handed out again (its holder may have "
+            f"died), with dequeue_count 2; got {expired.task.id} / {expired.dequeue_count}"
+        )
+
+    async def test_complete_activities_accepts_the_activity_lock_token(
+        self, backend: Backend
+    ) -> None:
+        await self.start(backend, "inst-1")
+        item = await self.lock_one(backend, "inst-1", what="a step keeping its activity")
+        task = make_task("inst-1")
+        assert await backend.complete_orchestrations(
+            [completion_for(item, activities=[task],
+                            activity_lock=ActivityLock("kept-token", LONG_LEASE))]
+        ) == [True]
+        result = make_message("inst-1", b'{"result":1}')
+        await backend.complete_activities([ActivityResult(task.id, "kept-token", result)])
+        woken = await self.lock_one(backend, "inst-1", what="the kept activity's result")
+        assert woken.messages == [result], "the kept task's result must be delivered"
+        await backend.abandon_activity(task.id, "kept-token")
+        assert await backend.lock_activities(
+            "worker-b", max_items=10, lease_seconds=LONG_LEASE
+        ) == [], "complete_activities must delete a kept task like any other"
+
+    async def test_complete_activities_may_lock_the_instances_it_wakes(
+        self, backend: Backend
+    ) -> None:
+        task = await self.enqueue_activity(backend, "inst-1")
+        await self.start(backend, "bystander")
+        work = await self.lock_task(backend, "worker-a", LONG_LEASE, "the activity")
+        result = make_message("inst-1", b'{"result":7}')
+        lock = OrchestrationLock("worker-a", max_items=10, lease_seconds=LONG_LEASE)
+        items = list(await backend.complete_activities(
+            [ActivityResult(task.id, work.lock_token, result)], lock=lock
+        ) or [])
+        assert [i.instance.instance_id for i in items] in ([], ["inst-1"]), (
+            "complete_activities(lock=...) may lock only instances its results went to; got "
+            f"{describe_items(items)}"
+        )
+        rest = await backend.lock_orchestrations(
+            "worker-b", max_items=10, lease_seconds=LONG_LEASE
+        )
+        handed = items + rest
+        assert sorted(i.instance.instance_id for i in handed) == ["bystander", "inst-1"], (
+            "every lockable instance must be handed out exactly once, by complete_activities "
+            f"or by lock_orchestrations; got {describe_items(handed)}"
+        )
+        woken = next(i for i in handed if i.instance.instance_id == "inst-1")
+        assert woken.messages == [result], "the woken instance's item must hold the result"
+        assert await backend.complete_orchestrations([completion_for(woken)]) == [True], (
+            "a work item returned by complete_activities must be committable under its token"
+        )
+
+    async def test_complete_activities_does_not_lock_a_locked_instance(
+        self, backend: Backend
+    ) -> None:
+        task = await self.enqueue_activity(backend, "inst-1")
+        work = await self.lock_task(backend, "worker-a", LONG_LEASE, "the activity")
+        await backend.send_messages([make_message("inst-1", b'{"event":"x"}')])
+        holder = await self.lock_one(backend, "inst-1", what="another worker's step")
+        lock = OrchestrationLock("worker-a", max_items=10, lease_seconds=LONG_LEASE)
+        items = list(await backend.complete_activities(
+            [ActivityResult(task.id, work.lock_token, make_message("inst-1"))], lock=lock
+        ) or [])
+        assert items == [], (
+            "complete_activities(lock=...) must not lock an instance another worker holds; "
+            f"got {describe_items(items)}"
+        )
+        assert await backend.complete_orchestrations([completion_for(holder)]) == [True], (
+            "the holder's lease must be untouched by complete_activities"
+        )
 
     # -- queries --------------------------------------------------------------------------------
 
