@@ -524,6 +524,15 @@ class Worker:
             self._results.append(ActivityResult(item.task.id, item.lock_token, message))
             self._results_ready.set()
             self.stats["activities"] += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Only an undecodable task gets here (the activity's own errors become results).
+            # It stays locked until its lease expires, so it cannot spin a worker.
+            self.stats["malformed_activity_tasks"] += 1
+            logger.error("activity task %s of instance %r is malformed and cannot run; it is "
+                         "handed out again when its lease expires", item.task.id,
+                         item.task.instance_id, exc_info=True)
         finally:
             self._running_activities.pop(item.task.id, None)
             assert self._activity_slots is not None
