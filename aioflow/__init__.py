@@ -8,7 +8,8 @@ the workflow finishes correctly however often its process dies.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from aioflow.app import App
 from aioflow.backend import Backend
@@ -16,9 +17,17 @@ from aioflow.client import Client
 from aioflow.connect import connect
 from aioflow.context import OrchestrationContext
 from aioflow.errors import (
-    AioflowError, ConfigurationError, InstanceExistsError, InstanceNotFoundError,
-    InstanceNotRunningError, NonDeterminismError, NonDeterministicOperationError,
-    OrchestrationTimeoutError, SerializationError, TaskFailedError, UnknownFunctionError,
+    AioflowError,
+    ConfigurationError,
+    InstanceExistsError,
+    InstanceNotFoundError,
+    InstanceNotRunningError,
+    NonDeterminismError,
+    NonDeterministicOperationError,
+    OrchestrationTimeoutError,
+    SerializationError,
+    TaskFailedError,
+    UnknownFunctionError,
 )
 from aioflow.retry import RetryPolicy
 from aioflow.status import FailureDetails, OrchestrationStatus, QueryPage, RuntimeStatus

@@ -5,19 +5,29 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 from aioflow.app import App, function_name
 from aioflow.backend import Backend, InstanceQuery, InstanceRecord, Message, PurgeResult
 from aioflow.connect import connect
 from aioflow.errors import (
-    InstanceNotFoundError, InstanceNotRunningError, OrchestrationTimeoutError,
+    InstanceNotFoundError,
+    InstanceNotRunningError,
+    OrchestrationTimeoutError,
     UnknownFunctionError,
 )
 from aioflow.events import (
-    EventRaised, ExecutionResumed, ExecutionStarted, ExecutionSuspended, ExecutionTerminated,
-    HistoryEvent, decode_event, encode_event, event_to_json,
+    EventRaised,
+    ExecutionResumed,
+    ExecutionStarted,
+    ExecutionSuspended,
+    ExecutionTerminated,
+    HistoryEvent,
+    decode_event,
+    encode_event,
+    event_to_json,
 )
 from aioflow.ids import message_id
 from aioflow.serialization import dumps, loads, to_json_value
@@ -29,7 +39,7 @@ _MAX_ID_LENGTH = 256
 
 
 def _dt(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
+    return datetime.fromtimestamp(ts, tz=UTC)
 
 
 def _ts(value: datetime | float | None, what: str) -> float | None:
@@ -37,7 +47,7 @@ def _ts(value: datetime | float | None, what: str) -> float | None:
         return None
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return value.timestamp()
     if isinstance(value, (int, float)):
         return float(value)

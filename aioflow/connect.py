@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any
 
 from aioflow.backend import Backend
 from aioflow.errors import ConfigurationError
 
-__all__ = ["connect", "DEFAULT_URL", "ENV_VAR"]
+__all__ = ["DEFAULT_URL", "ENV_VAR", "connect"]
 
 ENV_VAR = "AIOFLOW_BACKEND"
 DEFAULT_URL = "sqlite:///aioflow.db"

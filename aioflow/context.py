@@ -6,8 +6,9 @@ import asyncio
 import logging
 import random as _random
 import uuid
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Awaitable, Iterable
+from collections.abc import Awaitable, Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from aioflow.retry import RetryPolicy
 
@@ -70,7 +71,7 @@ class OrchestrationContext:
     @property
     def current_utc_datetime(self) -> datetime:
         """The orchestration's current time: when this step started (deterministic on replay)."""
-        return datetime.fromtimestamp(self._executor.now, tz=timezone.utc)
+        return datetime.fromtimestamp(self._executor.now, tz=UTC)
 
     @property
     def is_replaying(self) -> bool:
@@ -122,7 +123,7 @@ class OrchestrationContext:
             raise TypeError(f"create_timer needs a datetime, got {type(fire_at).__name__}; for a "
                             f"delay in seconds use `await asyncio.sleep(seconds)`")
         if fire_at.tzinfo is None:
-            fire_at = fire_at.replace(tzinfo=timezone.utc)
+            fire_at = fire_at.replace(tzinfo=UTC)
         return self._executor.create_timer(fire_at.timestamp())
 
     def wait_for_external_event(self, name: str, *,

@@ -29,7 +29,7 @@ class UnknownFunctionError(AioflowError, LookupError):
 
 
 class InstanceExistsError(AioflowError):
-    """`start_new` was given the id of an instance that is still live (pending/running/suspended)."""
+    """`start_new` was given the id of a live instance (pending, running or suspended)."""
 
     def __init__(self, instance_id: str, runtime_status: str) -> None:
         super().__init__(

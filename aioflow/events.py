@@ -20,11 +20,25 @@ import orjson
 from aioflow.serialization import dumps
 
 __all__ = [
-    "HistoryEvent", "ExecutionStarted", "OrchestratorStarted", "TaskScheduled", "TaskCompleted",
-    "TaskFailed", "TimerCreated", "TimerFired", "SubOrchestrationCreated",
-    "SubOrchestrationCompleted", "SubOrchestrationFailed", "EventRaised", "ExecutionSuspended",
-    "ExecutionResumed", "ExecutionTerminated", "ExecutionCompleted", "encode_event",
-    "decode_event", "event_to_json",
+    "EventRaised",
+    "ExecutionCompleted",
+    "ExecutionResumed",
+    "ExecutionStarted",
+    "ExecutionSuspended",
+    "ExecutionTerminated",
+    "HistoryEvent",
+    "OrchestratorStarted",
+    "SubOrchestrationCompleted",
+    "SubOrchestrationCreated",
+    "SubOrchestrationFailed",
+    "TaskCompleted",
+    "TaskFailed",
+    "TaskScheduled",
+    "TimerCreated",
+    "TimerFired",
+    "decode_event",
+    "encode_event",
+    "event_to_json",
 ]
 
 

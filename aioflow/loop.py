@@ -23,11 +23,14 @@ import contextvars
 import itertools
 import logging
 from asyncio import events
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVarTuple
 
 from aioflow.errors import NonDeterministicOperationError
 
 logger = logging.getLogger("aioflow.loop")
+
+_Ts = TypeVarTuple("_Ts")
 
 
 class TimerScheduler(Protocol):
@@ -133,18 +136,18 @@ class ReplayLoop(asyncio.AbstractEventLoop):
     def time(self) -> float:
         return self._now
 
-    def call_soon(self, callback: Callable[..., Any], *args: Any,
+    def call_soon(self, callback: Callable[[*_Ts], object], *args: *_Ts,
                   context: contextvars.Context | None = None) -> asyncio.Handle:
         self._check_closed()
         handle = asyncio.Handle(callback, args, self, context)
         self._ready.append(handle)
         return handle
 
-    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any,
+    def call_later(self, delay: float, callback: Callable[[*_Ts], object], *args: *_Ts,
                    context: contextvars.Context | None = None) -> asyncio.TimerHandle:
         return self.call_at(self._now + delay, callback, *args, context=context)
 
-    def call_at(self, when: float, callback: Callable[..., Any], *args: Any,
+    def call_at(self, when: float, callback: Callable[[*_Ts], object], *args: *_Ts,
                 context: contextvars.Context | None = None) -> asyncio.TimerHandle:
         self._check_closed()
         if when <= self._now:
@@ -228,11 +231,13 @@ class ReplayLoop(asyncio.AbstractEventLoop):
         return None
 
     # -- everything that would touch the outside world -------------------------------------
+    # (`type: ignore[assignment]` below: mypy will not match Callable[..., Any] to the
+    # base class's generic, TypeVarTuple signatures; the stubs take any arguments.)
     run_forever = _forbidden("loop.run_forever()")
     run_until_complete = _forbidden("loop.run_until_complete()")
     stop = _forbidden("loop.stop()")
-    call_soon_threadsafe = _forbidden("loop.call_soon_threadsafe() (threads)")
-    run_in_executor = _forbidden("loop.run_in_executor() (threads, asyncio.to_thread)")
+    call_soon_threadsafe = _forbidden("loop.call_soon_threadsafe() (threads)")  # type: ignore[assignment]
+    run_in_executor = _forbidden("loop.run_in_executor() (threads, asyncio.to_thread)")  # type: ignore[assignment]
     set_default_executor = _forbidden("loop.set_default_executor()")
     getaddrinfo = _forbidden("DNS lookup (loop.getaddrinfo)")
     getnameinfo = _forbidden("DNS lookup (loop.getnameinfo)")
@@ -248,9 +253,9 @@ class ReplayLoop(asyncio.AbstractEventLoop):
     connect_write_pipe = _forbidden("writing a pipe")
     subprocess_shell = _forbidden("starting a subprocess")
     subprocess_exec = _forbidden("starting a subprocess")
-    add_reader = _forbidden("watching a file descriptor")
+    add_reader = _forbidden("watching a file descriptor")  # type: ignore[assignment]
     remove_reader = _forbidden("watching a file descriptor")
-    add_writer = _forbidden("watching a file descriptor")
+    add_writer = _forbidden("watching a file descriptor")  # type: ignore[assignment]
     remove_writer = _forbidden("watching a file descriptor")
     sock_recv = _forbidden("socket I/O")
     sock_recv_into = _forbidden("socket I/O")
@@ -261,5 +266,5 @@ class ReplayLoop(asyncio.AbstractEventLoop):
     sock_connect = _forbidden("socket I/O")
     sock_accept = _forbidden("socket I/O")
     sock_sendfile = _forbidden("socket I/O")
-    add_signal_handler = _forbidden("installing a signal handler")
+    add_signal_handler = _forbidden("installing a signal handler")  # type: ignore[assignment]
     remove_signal_handler = _forbidden("removing a signal handler")

@@ -15,14 +15,21 @@ import inspect
 import types
 import typing
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 
 from aioflow.errors import SerializationError
 
-__all__ = ["dumps", "loads", "to_json_value", "from_json_value", "param_annotation",
-           "return_annotation"]
+__all__ = [
+    "dumps",
+    "from_json_value",
+    "loads",
+    "param_annotation",
+    "return_annotation",
+    "to_json_value",
+]
 
 _OPTIONS = orjson.OPT_NON_STR_KEYS
 
@@ -88,9 +95,9 @@ def from_json_value(value: Any, annotation: Any) -> Any:
         return value
     origin = typing.get_origin(annotation)
     if origin is typing.Union or origin is types.UnionType:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return from_json_value(value, args[0])
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return from_json_value(value, members[0])
         return value
     if origin in (list, set, frozenset, tuple) and isinstance(value, list):
         args = typing.get_args(annotation)
@@ -98,7 +105,8 @@ def from_json_value(value: Any, annotation: Any) -> Any:
             if len(args) == 2 and args[1] is Ellipsis:
                 return tuple(from_json_value(v, args[0]) for v in value)
             if args:
-                return tuple(from_json_value(v, a) for v, a in zip(value, args))
+                # Lenient like the rest of this function: a length mismatch truncates.
+                return tuple(from_json_value(v, a) for v, a in zip(value, args, strict=False))
             return tuple(value)
         inner = args[0] if args else None
         return origin(from_json_value(v, inner) for v in value)

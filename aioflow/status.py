@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 
-class RuntimeStatus(str, enum.Enum):
+class RuntimeStatus(str, enum.Enum):  # noqa: UP042 - StrEnum would change str() and format()
     """The lifecycle state of an orchestration instance (names as in Durable Functions)."""
 
     PENDING = "Pending"

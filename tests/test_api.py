@@ -130,7 +130,7 @@ class Point:
 
 
 def test_payloads_round_trip_to_annotated_types() -> None:
-    value = Point(1, dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc))
+    value = Point(1, dt.datetime(2026, 1, 2, tzinfo=dt.UTC))
     stored = to_json_value(value)
     assert stored == {"x": 1, "when": "2026-01-02T00:00:00+00:00"}
     assert from_json_value(stored, Point) == value

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 from aioflow.app import App
 from aioflow.client import Client
@@ -63,7 +64,7 @@ class TestEnvironment:
                  time_skipping: bool = True, **worker_options: Any) -> None:
         if isinstance(start_time, datetime):
             if start_time.tzinfo is None:
-                start_time = start_time.replace(tzinfo=timezone.utc)
+                start_time = start_time.replace(tzinfo=UTC)
             start = start_time.timestamp()
         else:
             start = time.time() if start_time is None else float(start_time)
@@ -78,7 +79,7 @@ class TestEnvironment:
 
     @property
     def now(self) -> datetime:
-        return datetime.fromtimestamp(self.clock(), tz=timezone.utc)
+        return datetime.fromtimestamp(self.clock(), tz=UTC)
 
     async def __aenter__(self) -> "TestEnvironment":
         await self.worker.start()
