@@ -38,8 +38,9 @@ Times are UTC epoch seconds (floats) everywhere in this module.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from aioflow.status import RuntimeStatus
 
@@ -233,7 +234,7 @@ class PurgeResult:
     deleted_instance_count: int
 
 
-class WorkKind(str, enum.Enum):
+class WorkKind(str, enum.Enum):  # noqa: UP042 - StrEnum would change str() of members
     ORCHESTRATION = "orchestration"
     ACTIVITY = "activity"
 
@@ -340,7 +341,9 @@ class Backend(Protocol):
         """Make a locked task available again now. A stale token is ignored."""
         ...
 
-    async def renew_activity_lease(self, task_id: str, lock_token: str, lease_seconds: float) -> bool:
+    async def renew_activity_lease(
+        self, task_id: str, lock_token: str, lease_seconds: float
+    ) -> bool:
         """Extend the lease; False if the token is no longer current (another worker has it)."""
         ...
 

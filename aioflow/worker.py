@@ -35,18 +35,34 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aioflow.app import App
 from aioflow.backend import (
-    ActivityLock, ActivityResult, ActivityTask, ActivityWorkItem, Backend, InstanceRecord,
-    Message, NewInstance, OrchestrationCompletion, OrchestrationLock, OrchestrationWorkItem,
+    ActivityLock,
+    ActivityResult,
+    ActivityTask,
+    ActivityWorkItem,
+    Backend,
+    InstanceRecord,
+    Message,
+    NewInstance,
+    OrchestrationCompletion,
+    OrchestrationLock,
+    OrchestrationWorkItem,
     WorkKind,
 )
 from aioflow.engine import Decision, OrchestrationExecutor
 from aioflow.events import (
-    EventRaised, ExecutionStarted, HistoryEvent, TaskCompleted, TaskFailed, TimerFired,
-    decode_event, encode_event,
+    EventRaised,
+    ExecutionStarted,
+    HistoryEvent,
+    TaskCompleted,
+    TaskFailed,
+    TimerFired,
+    decode_event,
+    encode_event,
 )
 from aioflow.ids import activity_task_id, child_execution_id, message_id, next_execution_id
 from aioflow.serialization import dumps, from_json_value, loads, to_json_value
@@ -598,7 +614,7 @@ class Worker:
         period = max(self.lease_seconds / 3, 0.05)
         while True:
             await asyncio.sleep(period)
-            for task_id, (item, task) in list(self._running_activities.items()):
+            for task_id, (item, _task) in list(self._running_activities.items()):
                 try:
                     ok = await self.backend.renew_activity_lease(
                         task_id, item.lock_token, self.lease_seconds)
