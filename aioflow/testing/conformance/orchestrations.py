@@ -41,6 +41,7 @@ from aioflow import (
     InstanceNotFoundError,
     InstanceNotRunningError,
     OrchestrationStatus,
+    OrchestrationTimeoutError,
     RuntimeStatus,
     SerializationError,
     UnknownFunctionError,
@@ -562,6 +563,37 @@ class OrchestrationSuite:
         await client.raise_event(iid, "go")
         status = await self.completed(client, iid)
         assert status.custom_status == {"stage": "done"}, "the last custom status is kept"
+
+    async def test_get_status_shows_history_and_hides_input_on_request(
+            self, worker: Worker, client: Client) -> None:
+        iid = await client.start_new(apps.greet_cities, ["Oslo", "Lima"])
+        await self.completed(client, iid)
+        plain = await client.get_status(iid)
+        assert plain is not None and plain.history is None, (
+            "get_status leaves out the history unless show_history=True")
+        assert plain.input == ["Oslo", "Lima"], "get_status shows the input by default"
+        full = await client.get_status(iid, show_history=True, show_input=False)
+        assert full is not None and full.input is None, "show_input=False leaves out the input"
+        assert full.history is not None, "show_history=True must fill in the history"
+        kinds = [event["kind"] for event in full.history]
+        scheduled = [e["name"] for e in full.history if e["kind"] == "TaskScheduled"]
+        assert "ExecutionStarted" in kinds and kinds[-1] == "ExecutionCompleted", kinds
+        assert scheduled == ["hello", "hello"], (
+            f"the history must list both activity calls in order, got {kinds}")
+        assert await client.get_status("no-such-instance") is None, (
+            "get_status of an unknown id returns None")
+
+    async def test_wait_for_completion_times_out_naming_the_status(
+            self, worker: Worker, client: Client) -> None:
+        iid = await client.start_new(apps.wait_event, "never")
+        await self.wait_for_runtime_status(client, iid, RuntimeStatus.RUNNING)
+        with pytest.raises(OrchestrationTimeoutError, match="still Running") as caught:
+            await client.wait_for_completion(iid, timeout=0.2)
+        assert isinstance(caught.value, TimeoutError), (
+            "OrchestrationTimeoutError must also be a TimeoutError")
+        with pytest.raises(InstanceNotFoundError):
+            await client.wait_for_completion("no-such-instance", timeout=0.2)
+        await client.terminate(iid, "test over")
 
     # == management: terminate, suspend/resume, purge, query =====================================
 
