@@ -12,7 +12,9 @@ Correctness contract every backend must meet (the conformance suite in
 * **Idempotent sends.** Every `Message` and `ActivityTask` has a unique, deterministic id. Sending
   one whose id was already sent (even if it was since consumed, as long as the instance's
   history was not purged) must not deliver it twice. Backends remember consumed message ids for
-  at least as long as the instance exists.
+  at least as long as the instance's current execution lasts: a completion with
+  `reset_history` (continue-as-new) may forget the ones consumed before it, since the runtime
+  drops late copies of an old execution's messages (that keeps eternal orchestrations bounded).
 * **Leases with fencing.** `lock_orchestrations` gives each work item a fresh `lock_token`;
   `complete_orchestrations`, `abandon_orchestration` and `renew_orchestration_lease` only act
   while that token is still the instance's current one and its lease has not been taken over.

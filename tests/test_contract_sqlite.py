@@ -426,3 +426,48 @@ def test_entry_point_resolves_to_open_backend() -> None:
         e for e in importlib.metadata.entry_points(group="aioflow.backends") if e.name == "sqlite"
     ]
     assert entry.load() is aioflow_sqlite.open_backend
+
+
+# -- eternal orchestrations stay bounded -------------------------------------------------------
+
+_eternal = __import__("aioflow").App()
+
+
+@_eternal.activity
+async def _tick(n: int) -> int:
+    return n + 1
+
+
+@_eternal.orchestrator
+async def _eternal_monitor(ctx, state):  # type: ignore[no-untyped-def]
+    n = await ctx.call_activity(_tick, state["n"])
+    await asyncio.sleep(0.001)  # a durable timer, as a monitor's polling interval
+    if n >= state["rounds"]:
+        return n
+    ctx.continue_as_new({"n": n, "rounds": state["rounds"]})
+    return None
+
+
+@pytest.mark.asyncio
+async def test_an_eternal_orchestration_does_not_grow_the_database(tmp_path: Path) -> None:
+    """Every continue-as-new forgets the consumed messages of the execution before it, so a
+    monitor that loops forever keeps a bounded inbox instead of one row per message ever
+    received."""
+    import aioflow
+
+    path = tmp_path / "eternal.db"
+    async with SqliteBackend(path) as store:
+        worker = aioflow.Worker(_eternal, store, poll_interval=0.01, watchdog_seconds=0)
+        client = aioflow.Client(store)
+        async with worker:
+            iid = await client.start_new(_eternal_monitor, {"n": 0, "rounds": 60})
+            status = await client.wait_for_completion(iid, timeout=30)
+        assert status.output == 60, f"the loop must run 60 rounds, got {status}"
+    with sqlite3.connect(path) as conn:
+        (rows,) = conn.execute("SELECT count(*) FROM aioflow_messages").fetchone()
+        (history,) = conn.execute("SELECT count(*) FROM aioflow_history").fetchone()
+    assert rows <= 10, (
+        f"after 60 executions the instance's inbox holds {rows} rows: consumed messages of "
+        f"earlier executions must be deleted at continue-as-new (about 3 per round otherwise)"
+    )
+    assert history <= 20, f"only the last execution's history may remain, found {history} events"

@@ -463,6 +463,8 @@ class MemoryBackend:
         if inbox is not None:
             for message_id in completion.consumed:
                 inbox.messages.pop(message_id, None)
+            if completion.reset_history:  # a new execution: forget the old one's consumed ids
+                inbox.seen = set(inbox.messages)
         instance.record = dataclasses.replace(completion.instance)
         # New instances first, so that messages to them in this same step reach the new inbox.
         for new in completion.new_instances:

@@ -427,6 +427,13 @@ def _complete_one(conn: Connection, c: OrchestrationCompletion) -> bool:
         length += len(c.new_history)
     if c.consumed:
         conn.executemany(_CONSUME, [(instance_id, mid) for mid in c.consumed])
+    if c.reset_history:
+        # A new execution starts: the consumed ids of the old one need no remembering (the
+        # runtime drops any late copy as stale), so an eternal orchestration's inbox stays
+        # bounded instead of growing by every message it ever received.
+        conn.execute(
+            "DELETE FROM aioflow_messages WHERE instance_id = ? AND consumed = 1", (instance_id,)
+        )
     # New instances before messages: replacing a terminal instance clears its inbox, which
     # must not swallow a message this same step sends to it.
     for new in c.new_instances:
