@@ -197,13 +197,24 @@ class Client:
             delay = min(delay * 1.5, 0.25)
 
     # -- signalling ------------------------------------------------------------------------
-    async def raise_event(self, instance_id: str, name: str, data: Any = None) -> None:
-        """Deliver an external event to a live instance (see `wait_for_external_event`)."""
+    async def raise_event(self, instance_id: str, name: str, data: Any = None, *,
+                          event_id: str | None = None) -> None:
+        """Deliver an external event to a live instance (see `wait_for_external_event`).
+
+        Raises `InstanceNotFoundError` / `InstanceNotRunningError` for an unknown or finished
+        instance. Without `event_id` every call delivers one event, so retrying a call whose
+        outcome you did not see (a timeout, say) may deliver it twice. With `event_id` (any
+        string unique per event, e.g. a request id) the call is safe to retry: the instance
+        receives an event with that id at most once during its current execution.
+        """
         if not isinstance(name, str) or not name:
             raise ValueError("an event needs a non-empty name")
+        if event_id is not None and (not isinstance(event_id, str) or not event_id):
+            raise ValueError(f"event_id must be a non-empty string, not {event_id!r}")
         payload = to_json_value(data, what=f"the data of event {name!r}")
         await self._send(instance_id, f"raise event {name!r}",
-                         EventRaised(ts=self.clock(), name=name, input=payload))
+                         EventRaised(ts=self.clock(), name=name, input=payload),
+                         message_key=None if event_id is None else f"event|{event_id}")
 
     async def terminate(self, instance_id: str, reason: str = "") -> None:
         await self._send(instance_id, "terminate",
@@ -217,14 +228,16 @@ class Client:
         await self._send(instance_id, "resume",
                          ExecutionResumed(ts=self.clock(), reason=str(reason)))
 
-    async def _send(self, instance_id: str, what: str, event: HistoryEvent) -> None:
+    async def _send(self, instance_id: str, what: str, event: HistoryEvent, *,
+                    message_key: str | None = None) -> None:
         record = await self.backend.get_instance(instance_id)
         if record is None:
             raise InstanceNotFoundError(instance_id, what)
         if record.runtime_status.is_terminal:
             raise InstanceNotRunningError(instance_id, record.runtime_status.value, what)
+        key = message_key or uuid.uuid4().hex
         await self.backend.send_messages([Message(
-            id=f"{instance_id}|client|{uuid.uuid4().hex}", instance_id=instance_id,
+            id=f"{instance_id}|client|{key}", instance_id=instance_id,
             data=encode_event(event))])
 
     # -- purging ---------------------------------------------------------------------------

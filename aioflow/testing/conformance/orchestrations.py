@@ -372,6 +372,19 @@ class OrchestrationSuite:
         assert status.output == ["first", "second", "third"], (
             "each event goes to exactly one wait, in the order the events were raised")
 
+    async def test_raise_event_with_an_event_id_is_safe_to_retry(
+            self, worker: Worker, client: Client) -> None:
+        iid = await client.start_new(apps.collect_events, {"name": "item", "count": 2})
+        await client.raise_event(iid, "item", "first", event_id="req-1")
+        await client.raise_event(iid, "item", "first again", event_id="req-1")  # a retry
+        await client.raise_event(iid, "item", "second", event_id="req-2")
+        status = await self.completed(client, iid)
+        assert status.output == ["first", "second"], (
+            "a second raise_event with the same event_id must deliver nothing; got "
+            f"{status.output!r}")
+        with pytest.raises(ValueError, match="event_id"):
+            await client.raise_event(iid, "item", event_id="")
+
     async def test_event_names_are_case_insensitive(
             self, worker: Worker, client: Client) -> None:
         iid = await client.start_new(apps.wait_event, "Approval")
