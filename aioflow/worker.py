@@ -146,6 +146,7 @@ class Worker:
         # Fresh events: a worker may be started again after stop() (even on another loop).
         self._stopping = asyncio.Event()
         self._results_ready = asyncio.Event()
+        self._orchestrations_in_flight = 0
         self._activity_slots = asyncio.Semaphore(self.max_concurrent_activities)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self._thread_pool_size or min(32, self.max_concurrent_activities),
@@ -243,6 +244,7 @@ class Worker:
                 idle = min(idle * 2, self.poll_interval)
                 continue
             idle = 0.001
+            self._orchestrations_in_flight += len(items)
             await self._run_batch(items)
             if len(items) < free:
                 # A partial batch took all the work that was visible: polling again at once
@@ -269,8 +271,8 @@ class Worker:
             await asyncio.sleep(timeout)
 
     async def _run_batch(self, items: list[OrchestrationWorkItem]) -> None:
-        """Process locked items (counted in flight from when they were locked until now)."""
-        self._orchestrations_in_flight += len(items)
+        """Process locked items; the caller counted them in flight when it got them, so that
+        nothing can lock beyond the limit before this coroutine first runs."""
         try:
             await self._process_batch(items)
         finally:
@@ -278,6 +280,7 @@ class Worker:
 
     def _hand_over(self, items: list[OrchestrationWorkItem]) -> None:
         """Process instances that `complete_activities` locked for us, beside the main loop."""
+        self._orchestrations_in_flight += len(items)
         task = asyncio.create_task(self._run_batch(items), name="aioflow hand-over")
         self._handoffs.add(task)
         task.add_done_callback(self._handoffs.discard)
