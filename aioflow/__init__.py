@@ -16,9 +16,12 @@ from aioflow.backend import Backend
 from aioflow.client import Client
 from aioflow.connect import connect
 from aioflow.context import OrchestrationContext
+from aioflow.engine import CriticalSection
+from aioflow.entities import EntityContext, EntityId, EntityQueryPage, EntityState
 from aioflow.errors import (
     AioflowError,
     ConfigurationError,
+    EntityLockError,
     InstanceExistsError,
     InstanceNotFoundError,
     InstanceNotRunningError,
@@ -36,7 +39,9 @@ from aioflow.worker import Worker
 __version__ = "0.1.0"
 
 __all__ = [
-    "AioflowError", "App", "Backend", "Client", "ConfigurationError", "FailureDetails",
+    "AioflowError", "App", "Backend", "Client", "ConfigurationError", "CriticalSection",
+    "EntityContext", "EntityId", "EntityLockError", "EntityQueryPage", "EntityState",
+    "FailureDetails",
     "InstanceExistsError", "InstanceNotFoundError", "InstanceNotRunningError",
     "NonDeterminismError", "NonDeterministicOperationError", "OrchestrationContext",
     "OrchestrationStatus", "OrchestrationTimeoutError", "QueryPage", "RetryPolicy",

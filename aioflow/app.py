@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
+from aioflow.entities import RegisteredEntity, register_entity
 from aioflow.errors import ConfigurationError, UnknownFunctionError
 from aioflow.serialization import param_annotation, return_annotation
 
@@ -47,7 +48,7 @@ def function_name(fn_or_name: Any) -> str:
 
 
 class App:
-    """A registry of orchestrators and activities.
+    """A registry of orchestrators, activities and entities.
 
     ```python
     app = aioflow.App()
@@ -66,6 +67,7 @@ class App:
     def __init__(self) -> None:
         self.orchestrators: dict[str, Registered] = {}
         self.activities: dict[str, Registered] = {}
+        self.entities: dict[str, RegisteredEntity] = {}
 
     # -- registration ----------------------------------------------------------------------
     @overload
@@ -96,6 +98,26 @@ class App:
             if not callable(f):
                 raise ConfigurationError(f"activity {f!r} is not callable")
             self._add(self.activities, "activity", name, f, input_index=0)
+            return f
+        return register(fn) if fn is not None else register
+
+    @overload
+    def entity(self, fn: F) -> F: ...
+    @overload
+    def entity(self, *, name: str | None = None) -> Callable[[F], F]: ...
+
+    def entity(self, fn: Any = None, *, name: str | None = None) -> Any:
+        """Register a durable entity: a function `f(ctx: EntityContext)` (sync or async), or a
+        class whose public methods are its operations (see `aioflow.entities`). Entity names are
+        case-insensitive; the default is the function's or class's name."""
+        def register(f: F) -> F:
+            reg = register_entity(name or f.__name__, f)
+            existing = self.entities.get(reg.name)
+            if existing is not None and existing.target is not f:
+                raise ConfigurationError(
+                    f"an entity named {reg.name!r} is already registered; pass name=... to "
+                    f"register this one under another name")
+            self.entities[reg.name] = reg
             return f
         return register(fn) if fn is not None else register
 
@@ -132,6 +154,16 @@ class App:
             return self.activities[name]
         except KeyError:
             raise UnknownFunctionError(_unknown("activity", name, self.activities)) from None
+
+
+    def get_entity(self, name: str) -> RegisteredEntity:
+        try:
+            return self.entities[name.lower()]
+        except KeyError:
+            known = ", ".join(sorted(self.entities)) or "none"
+            raise UnknownFunctionError(
+                f"no entity named {name!r} is registered (registered entities: {known}); "
+                f"register it with @app.entity on the App the worker runs") from None
 
 
 def _accepts_positional(fn: Callable[..., Any], count: int) -> bool:

@@ -12,13 +12,24 @@ from typing import Any
 from aioflow.app import App, function_name
 from aioflow.backend import Backend, InstanceQuery, InstanceRecord, Message, PurgeResult
 from aioflow.connect import connect
+from aioflow.entities import (
+    ENTITY_PREFIX,
+    EntityId,
+    EntityQueryPage,
+    EntityState,
+    as_entity_id,
+    describe_scheduler,
+    is_entity_instance,
+)
 from aioflow.errors import (
+    InstanceExistsError,
     InstanceNotFoundError,
     InstanceNotRunningError,
     OrchestrationTimeoutError,
     UnknownFunctionError,
 )
 from aioflow.events import (
+    EntityRequest,
     EventRaised,
     ExecutionResumed,
     ExecutionStarted,
@@ -80,6 +91,9 @@ def validate_instance_id(instance_id: Any) -> str:
     if any(ord(c) < 32 for c in instance_id) or "|" in instance_id:
         raise ValueError(f"instance_id {instance_id!r} contains a control character or '|', "
                          f"which are reserved; use letters, digits and -_.:@")
+    if instance_id.startswith(ENTITY_PREFIX):
+        raise ValueError(f"instance_id {instance_id!r} starts with '{ENTITY_PREFIX}', which is "
+                         f"reserved for durable entities; start it with another character")
     return instance_id
 
 
@@ -160,7 +174,9 @@ class Client:
             instance_id_prefix=instance_id_prefix)
         records, token = await self.backend.query_instances(
             query, page_size=page_size, continuation=continuation)
-        return QueryPage([_status(r, show_input=show_input) for r in records], token)
+        # Entities are stored as instances too; they are listed by `query_entities` instead.
+        return QueryPage([_status(r, show_input=show_input) for r in records
+                          if not is_entity_instance(r.instance_id)], token)
 
     async def iter_instances(self, **filters: Any) -> AsyncIterator[OrchestrationStatus]:
         """Every instance matching the filters of `query_instances`, across all pages."""
@@ -230,6 +246,9 @@ class Client:
 
     async def _send(self, instance_id: str, what: str, event: HistoryEvent, *,
                     message_key: str | None = None) -> None:
+        if is_entity_instance(instance_id):
+            raise ValueError(f"cannot {what}: {instance_id!r} is a durable entity, not an "
+                             f"orchestration; send it operations with signal_entity")
         record = await self.backend.get_instance(instance_id)
         if record is None:
             raise InstanceNotFoundError(instance_id, what)
@@ -239,6 +258,87 @@ class Client:
         await self.backend.send_messages([Message(
             id=f"{instance_id}|client|{key}", instance_id=instance_id,
             data=encode_event(event))])
+
+    # -- entities --------------------------------------------------------------------------
+    async def signal_entity(self, entity_id: EntityId | str | tuple[str, str], operation: str,
+                            input: Any = None, *, signal_id: str | None = None) -> None:
+        """Send a one-way operation to an entity (creating the entity if it has never existed).
+
+        Operations from one client call are applied in the order sent. Without `signal_id`,
+        each call sends one operation, so retrying a call whose outcome you did not see may
+        apply it twice; with `signal_id` (unique per operation) a retry is delivered at most once.
+        Raises `UnknownFunctionError` at once for an entity name the client's `app` does not know.
+        """
+        eid = as_entity_id(entity_id)
+        if not isinstance(operation, str) or not operation:
+            raise ValueError(f"an entity operation name must be a non-empty string, got "
+                             f"{operation!r}")
+        if self.app is not None and eid.name not in self.app.entities:
+            known = ", ".join(sorted(self.app.entities)) or "none"
+            raise UnknownFunctionError(
+                f"cannot signal {eid}: no entity named {eid.name!r} is registered "
+                f"(registered entities: {known})")
+        if signal_id is not None and (not isinstance(signal_id, str) or not signal_id):
+            raise ValueError(f"signal_id must be a non-empty string, not {signal_id!r}")
+        payload = to_json_value(input, what=f"the input of operation {operation!r} of entity "
+                                            f"{eid}")
+        iid = eid.instance_id
+        now = self.clock()
+        message = Message(
+            id=f"{iid}|client|{signal_id or uuid.uuid4().hex}", instance_id=iid,
+            data=encode_event(EntityRequest(ts=now, operation=operation, input=payload)))
+        record = InstanceRecord(
+            instance_id=iid, name=f"{ENTITY_PREFIX}{eid.name}", execution_id="entity",
+            runtime_status=RuntimeStatus.PENDING, created_time=now, last_updated_time=now)
+        if await self.backend.get_instance(iid) is None:
+            try:
+                await self.backend.create_instance(record, message)
+                return
+            except InstanceExistsError:
+                pass  # created meanwhile by someone else: deliver as an ordinary message
+        await self.backend.send_messages([message])
+
+    async def read_entity_state(
+            self, entity_id: EntityId | str | tuple[str, str]) -> EntityState:
+        """The entity's current state (`exists` is false if it has none, or never existed)."""
+        eid = as_entity_id(entity_id)
+        record = await self.backend.get_instance(eid.instance_id)
+        if record is None:
+            return EntityState(eid, exists=False)
+        return _entity_state(eid, record)
+
+    async def query_entities(
+        self, *, name: str | None = None,
+        last_operation_from: datetime | float | None = None,
+        last_operation_to: datetime | float | None = None, include_deleted: bool = False,
+        page_size: int = 100, continuation: str | None = None,
+    ) -> EntityQueryPage:
+        """One page of entities, optionally only those named `name` and whose last operation
+        was at or after `last_operation_from` and before `last_operation_to`. Entities whose
+        state was deleted are left out unless `include_deleted`."""
+        if page_size < 1:
+            raise ValueError("page_size must be at least 1")
+        prefix = ENTITY_PREFIX if name is None else EntityId(name, "x").instance_id[:-1]
+        low = _ts(last_operation_from, "last_operation_from")
+        high = _ts(last_operation_to, "last_operation_to")
+        records, token = await self.backend.query_instances(
+            InstanceQuery(instance_id_prefix=prefix), page_size=page_size,
+            continuation=continuation)
+        found = []
+        for record in records:
+            try:
+                eid = EntityId.parse(record.instance_id)
+            except ValueError:
+                continue
+            state = _entity_state(eid, record)
+            if not (state.exists or include_deleted):
+                continue
+            if low is not None and record.last_updated_time < low:
+                continue
+            if high is not None and record.last_updated_time >= high:
+                continue
+            found.append(state)
+        return EntityQueryPage(found, token)
 
     # -- purging ---------------------------------------------------------------------------
     async def purge_instance_history(self, instance_id: str) -> PurgeResult:
@@ -261,6 +361,14 @@ class Client:
 
     async def close(self) -> None:
         await self.backend.close()
+
+
+def _entity_state(eid: EntityId, record: InstanceRecord) -> EntityState:
+    holder, queued = describe_scheduler(record.custom_status)
+    return EntityState(
+        entity_id=eid, exists=record.output is not None,
+        state=loads(record.output) if record.output is not None else None,
+        last_operation_time=_dt(record.last_updated_time), locked_by=holder, queued=queued)
 
 
 def _status(record: InstanceRecord, *, show_input: bool = True,

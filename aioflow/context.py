@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from aioflow.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from aioflow.engine import OrchestrationExecutor
+    from aioflow.engine import CriticalSection, OrchestrationExecutor
 
 __all__ = ["OrchestrationContext"]
 
@@ -112,6 +112,27 @@ class OrchestrationContext:
         Failures raise `TaskFailedError` (kind "sub-orchestration").
         """
         return self._executor.call_sub_orchestrator(fn_or_name, input, instance_id, retry)
+
+    def call_entity(self, entity_id: Any, operation: str,
+                    input: Any = None) -> asyncio.Future[Any]:
+        """Apply `operation` to an entity and await its result (request/response, durable).
+
+        `entity_id` is an `EntityId` (or ``"@name@key"``, or ``(name, key)``). If the operation
+        raises, this raises `TaskFailedError` (kind "entity") and the entity's state is unchanged.
+        An entity name no registered entity has raises `UnknownFunctionError` at once.
+        """
+        return self._executor.call_entity(entity_id, operation, input)
+
+    def signal_entity(self, entity_id: Any, operation: str, input: Any = None) -> None:
+        """Send a one-way operation to an entity (recorded, sent once this step commits)."""
+        self._executor.signal_entity(entity_id, operation, input)
+
+    def lock_entities(self, *entity_ids: Any) -> "CriticalSection":
+        """A critical section: ``async with ctx.lock_entities(a, b): ...`` holds the entities
+        for the block, so no other orchestration or client operates on them meanwhile (their
+        operations wait). Inside it, only the locked entities may be called. Locks are taken in
+        a fixed order (no deadlocks) and released when the block ends, however it ends."""
+        return self._executor.lock_entities(entity_ids)
 
     def create_timer(self, fire_at: datetime) -> asyncio.Future[None]:
         """A durable timer firing at `fire_at` (an aware datetime; naive means UTC).

@@ -23,13 +23,17 @@ from typing import Any
 
 from aioflow.app import App, function_name
 from aioflow.context import OrchestrationContext
+from aioflow.entities import EntityId, as_entity_id
 from aioflow.errors import (
+    EntityLockError,
     NonDeterminismError,
     NonDeterministicOperationError,
     SerializationError,
     TaskFailedError,
+    UnknownFunctionError,
 )
 from aioflow.events import (
+    EntityOperationSent,
     EventRaised,
     ExecutionCompleted,
     ExecutionResumed,
@@ -56,7 +60,7 @@ __all__ = ["Decision", "OrchestrationExecutor", "failure_from_exception"]
 
 logger = logging.getLogger("aioflow.engine")
 
-_COMMAND_EVENTS = (TaskScheduled, TimerCreated, SubOrchestrationCreated)
+_COMMAND_EVENTS = (TaskScheduled, TimerCreated, SubOrchestrationCreated, EntityOperationSent)
 _RESULT_EVENTS = (TaskCompleted, TaskFailed, TimerFired, SubOrchestrationCompleted,
                   SubOrchestrationFailed)
 _UNSET: Any = object()
@@ -68,7 +72,9 @@ class Decision:
 
     `new_events` are appended to history in order. `activities`, `timers` and
     `sub_orchestrations` are the commands among them that need messages sent; `outbound` are
-    events for other instances (a parent's result). When `continue_as_new` is set, the runtime
+    events for other instances (a parent's result). `entity_messages` are operations, locks and
+    unlocks for entities, in the order sent (when the instance ends holding locks, unlocks with
+    `task_id` -1 that are not part of history release them). When `continue_as_new` is set, the runtime
     starts a fresh execution with that input and re-sends `carried_events` to it.
     """
 
@@ -76,6 +82,7 @@ class Decision:
     activities: list[TaskScheduled] = field(default_factory=list)
     timers: list[TimerCreated] = field(default_factory=list)
     sub_orchestrations: list[SubOrchestrationCreated] = field(default_factory=list)
+    entity_messages: list[EntityOperationSent] = field(default_factory=list)
     outbound: list[tuple[str, HistoryEvent]] = field(default_factory=list)
     runtime_status: RuntimeStatus = RuntimeStatus.RUNNING
     output: Any = None
@@ -96,7 +103,7 @@ class Decision:
 
 @dataclass(slots=True)
 class _Pending:
-    kind: str  # "activity" | "timer" | "sub-orchestration"
+    kind: str  # "activity" | "timer" | "sub-orchestration" | "entity operation"
     name: str
     future: asyncio.Future[Any] | None = None
     handle: DurableTimerHandle | None = None
@@ -173,6 +180,10 @@ class OrchestrationExecutor:
         self._outbound: list[tuple[str, HistoryEvent]] = []
         self._fatal: BaseException | None = None
         self._closing = False
+        #: The critical section the orchestrator is in: (section id, entity instance ids).
+        self._section: tuple[str, frozenset[str]] | None = None
+        #: Entity locks requested (sent or committed) and not yet unlocked, per section.
+        self._locks_out: dict[str, set[str]] = {}
 
     # == driving ==========================================================================
     def load(self, history: list[HistoryEvent]) -> None:
@@ -225,6 +236,9 @@ class OrchestrationExecutor:
                 decision.timers.append(command)
             elif isinstance(command, SubOrchestrationCreated):
                 decision.sub_orchestrations.append(command)
+            elif isinstance(command, EntityOperationSent):
+                decision.entity_messages.append(command)
+                self._track_lock(command)
         decision.runtime_status = self.runtime_status
         if self._custom_status is not _UNSET:
             decision.custom_status = self._custom_status
@@ -242,6 +256,7 @@ class OrchestrationExecutor:
                 decision.carried_events = list(self._buffered)
                 decision.output = None
             self._notify_parent(completion)
+            decision.entity_messages.extend(self._release_all_locks())
         decision.outbound = self._outbound
         self._outbound = []
         return decision
@@ -315,6 +330,8 @@ class OrchestrationExecutor:
             return
         if kind in _COMMAND_EVENTS:
             self._confirm(event)
+            if kind is EntityOperationSent:
+                self._track_lock(event)  # type: ignore[arg-type]
             return
         if kind is ExecutionCompleted:
             self._completion_recorded = True
@@ -379,6 +396,8 @@ class OrchestrationExecutor:
                 kind=pending.kind))
 
     def _output_type(self, pending: _Pending) -> Any:
+        if pending.kind == "entity operation":
+            return None
         table = self.app.activities if pending.kind == "activity" else self.app.orchestrators
         reg = table.get(pending.name)
         return reg.output_type if reg is not None else None
@@ -664,6 +683,88 @@ class OrchestrationExecutor:
 
         return self.loop.create_task(race())
 
+    # -- entities -------------------------------------------------------------------------
+    def _entity(self, entity_id: Any, operation: str) -> EntityId:
+        eid = as_entity_id(entity_id)
+        if not isinstance(operation, str):
+            raise TypeError(f"an entity operation name must be a string, got {operation!r}")
+        if eid.name not in self.app.entities:
+            known = ", ".join(sorted(self.app.entities)) or "none"
+            raise UnknownFunctionError(
+                f"cannot send operation {operation!r} to entity {eid}: no entity named "
+                f"{eid.name!r} is registered (registered entities: {known}); register it with "
+                f"@app.entity")
+        return eid
+
+    def call_entity(self, entity_id: Any, operation: str, input: Any) -> asyncio.Future[Any]:
+        eid = self._entity(entity_id, operation)
+        if not operation:
+            raise ValueError("an entity operation name must not be empty")
+        payload = to_json_value(input, what=f"the input of operation {operation!r} of entity "
+                                            f"{eid}")
+        self._check_can_schedule()
+        section = self._section
+        if section is not None and eid.instance_id not in section[1]:
+            raise EntityLockError(
+                f"cannot call entity {eid} inside a critical section that does not lock it "
+                f"(it locks {', '.join(sorted(section[1]))}): waiting on an unlocked entity "
+                f"while holding locks could deadlock; lock it too, or call it outside the "
+                f"`async with ctx.lock_entities(...)` block (signal_entity is allowed)")
+        future = self._entity_command(eid.instance_id, operation, payload, "call")
+        assert future is not None
+        return future
+
+    def signal_entity(self, entity_id: Any, operation: str, input: Any) -> None:
+        eid = self._entity(entity_id, operation)
+        if not operation:
+            raise ValueError("an entity operation name must not be empty")
+        payload = to_json_value(input, what=f"the input of operation {operation!r} of entity "
+                                            f"{eid}")
+        self._check_can_schedule()
+        self._entity_command(eid.instance_id, operation, payload, "signal")
+
+    def lock_entities(self, entity_ids: tuple[Any, ...]) -> CriticalSection:
+        if not entity_ids:
+            raise ValueError("lock_entities needs at least one entity id")
+        ids = sorted({self._entity(e, "lock").instance_id for e in entity_ids})
+        return CriticalSection(self, ids)
+
+    def _entity_command(self, entity_iid: str, operation: str, payload: Any, op_kind: str,
+                        section: str | None = None) -> asyncio.Future[Any] | None:
+        """Issue a message to an entity; calls and locks return the future of the reply."""
+        task_id = self._new_id()
+        event = EntityOperationSent(ts=self.now, task_id=task_id, entity_id=entity_iid,
+                                    operation=operation, input=payload, op_kind=op_kind,
+                                    section=section)
+        if op_kind in ("signal", "unlock"):
+            self._unconfirmed[task_id] = event  # fire and forget: no reply to wait for
+            return None
+        future = self.loop.create_future()
+        what = f"lock of {entity_iid}" if op_kind == "lock" else f"{operation} on {entity_iid}"
+        self._issue(event, _Pending("entity operation", what, future))
+        self._watch(future, task_id)
+        return future
+
+    def _track_lock(self, event: EntityOperationSent) -> None:
+        if event.section is None:
+            return
+        if event.op_kind == "lock":
+            self._locks_out.setdefault(event.section, set()).add(event.entity_id)
+        elif event.op_kind == "unlock":
+            held = self._locks_out.get(event.section)
+            if held is not None:
+                held.discard(event.entity_id)
+                if not held:
+                    del self._locks_out[event.section]
+
+    def _release_all_locks(self) -> list[EntityOperationSent]:
+        """Unlocks for every lock still out when the execution ends (however it ends)."""
+        out = [EntityOperationSent(ts=self.now, task_id=-1, entity_id=iid, operation="",
+                                   op_kind="unlock", section=section)
+               for section, held in sorted(self._locks_out.items()) for iid in sorted(held)]
+        self._locks_out.clear()
+        return out
+
     def request_continue_as_new(self, input: Any) -> None:
         self._continue_input = to_json_value(input, what="the continue_as_new input")
 
@@ -671,7 +772,66 @@ class OrchestrationExecutor:
         self._custom_status = to_json_value(value, what="the custom status")
 
 
+class CriticalSection:
+    """`async with ctx.lock_entities(a, b):` holds entities a and b for the block.
+
+    Locks are requested one at a time in sorted id order (so no two sections can deadlock); the
+    block starts once all are granted. On exit (or if acquiring fails or is cancelled) every
+    requested lock is released; if the orchestration ends inside the block, its end releases them.
+    """
+
+    def __init__(self, executor: OrchestrationExecutor, entity_iids: list[str]) -> None:
+        self._ex = executor
+        self._ids = entity_iids
+        self._section: str | None = None
+        self._requested: list[str] = []
+
+    @property
+    def entity_ids(self) -> list[EntityId]:
+        return [EntityId.parse(i) for i in self._ids]
+
+    async def __aenter__(self) -> CriticalSection:
+        ex = self._ex
+        if self._section is not None:
+            raise EntityLockError("this critical section was already entered; call "
+                                  "ctx.lock_entities(...) again for a new one")
+        if ex._section is not None:
+            raise EntityLockError(
+                f"critical sections cannot be nested: this orchestration already holds "
+                f"{', '.join(sorted(ex._section[1]))}; lock every entity you need in one "
+                f"ctx.lock_entities(...) call")
+        ex._check_can_schedule()
+        section = f"{ex.execution_id}.{ex._next_id}"
+        self._section = section
+        ex._section = (section, frozenset(self._ids))
+        try:
+            for iid in self._ids:
+                future = ex._entity_command(iid, "", None, "lock", section)
+                self._requested.append(iid)
+                assert future is not None
+                await future
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        ex = self._ex
+        if ex._section is not None and ex._section[0] == self._section:
+            ex._section = None
+        requested, self._requested = self._requested, []
+        if ex._closing or ex._completion is not None:
+            return  # the end of the execution releases whatever is still out
+        for iid in requested:
+            ex._entity_command(iid, "", None, "unlock", self._section)
+
+
 def _command_name(event: HistoryEvent) -> str:
+    if isinstance(event, EntityOperationSent):
+        return f"{event.op_kind} {event.entity_id} {event.operation}"
     return getattr(event, "name", "")
 
 
@@ -682,6 +842,11 @@ def _describe(event: HistoryEvent | None) -> str:
         return f"call_sub_orchestrator({event.name!r}) as step {event.task_id}"
     if isinstance(event, TimerCreated):
         return f"a durable timer as step {event.task_id}"
+    if isinstance(event, EntityOperationSent):
+        if event.op_kind in ("lock", "unlock"):
+            return f"{event.op_kind} of entity {event.entity_id} as step {event.task_id}"
+        return (f"{event.op_kind}_entity({event.entity_id!r}, {event.operation!r}) as step "
+                f"{event.task_id}")
     return repr(event)
 
 

@@ -102,6 +102,11 @@ class NonDeterministicOperationError(AioflowError, RuntimeError):
         )
 
 
+class EntityLockError(AioflowError, RuntimeError):
+    """Orchestrator code broke a rule of critical sections (`ctx.lock_entities`): nesting them,
+    or calling an entity it has not locked while it holds locks (which could deadlock)."""
+
+
 class OrchestrationTimeoutError(AioflowError, TimeoutError):
     """`Client.wait_for_completion` gave up before the instance finished."""
 

@@ -20,6 +20,8 @@ import orjson
 from aioflow.serialization import dumps
 
 __all__ = [
+    "EntityOperationSent",
+    "EntityRequest",
     "EventRaised",
     "ExecutionCompleted",
     "ExecutionResumed",
@@ -172,13 +174,47 @@ class ExecutionCompleted(HistoryEvent):
     stack_trace: str = ""
 
 
+@dataclass(slots=True)
+class EntityOperationSent(HistoryEvent):
+    """An orchestration sent a message to an entity (a command, matched on replay).
+
+    `kind` is "call" (a reply comes back as TaskCompleted/TaskFailed with this `task_id`),
+    "signal" (one-way), "lock" (a reply grants the lock of critical section `section`) or
+    "unlock" (ends that critical section on the entity).
+    """
+
+    kind: ClassVar[str] = "EntityOperationSent"
+    task_id: int
+    entity_id: str
+    operation: str
+    input: Any = None
+    op_kind: str = "call"
+    section: str | None = None
+
+
+@dataclass(slots=True)
+class EntityRequest(HistoryEvent):
+    """A message to an entity: one operation, lock or unlock, from an orchestration (`sender`,
+    `sender_execution_id` and, for a call or a lock, the `task_id` to answer), another entity or
+    a client (`sender` None)."""
+
+    kind: ClassVar[str] = "EntityRequest"
+    operation: str
+    input: Any = None
+    op_kind: str = "signal"
+    sender: str | None = None
+    sender_execution_id: str = ""
+    task_id: int | None = None
+    section: str | None = None
+
+
 _KINDS: dict[str, type[HistoryEvent]] = {
     cls.kind: cls
     for cls in (
         ExecutionStarted, OrchestratorStarted, TaskScheduled, TaskCompleted, TaskFailed,
         TimerCreated, TimerFired, SubOrchestrationCreated, SubOrchestrationCompleted,
         SubOrchestrationFailed, EventRaised, ExecutionSuspended, ExecutionResumed,
-        ExecutionTerminated, ExecutionCompleted,
+        ExecutionTerminated, ExecutionCompleted, EntityOperationSent, EntityRequest,
     )
 }
 _FIELDS: dict[type[HistoryEvent], tuple[str, ...]] = {

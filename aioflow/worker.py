@@ -54,7 +54,14 @@ from aioflow.backend import (
     WorkKind,
 )
 from aioflow.engine import Decision, OrchestrationExecutor
+from aioflow.entities import (
+    ENTITY_PREFIX,
+    EntityId,
+    is_entity_instance,
+    run_entity_batch,
+)
 from aioflow.events import (
+    EntityRequest,
     EventRaised,
     ExecutionStarted,
     HistoryEvent,
@@ -369,6 +376,8 @@ class Worker:
             # The instance is finished: nothing can receive these any more.
             self.stats["dropped_messages"] += len(consumed)
             return OrchestrationCompletion(iid, item.lock_token, record, consumed=consumed), None
+        if is_entity_instance(iid):
+            return await self._process_entity(item), None
         events = self._decode_messages(item.messages)
         executor = self._cache.pop(iid, None)
         # A cached copy is current only if it is at the stored history's end of the SAME
@@ -391,6 +400,73 @@ class Worker:
         if keep is None:
             executor.close()
         return completion, keep
+
+    async def _process_entity(self, item: OrchestrationWorkItem) -> OrchestrationCompletion:
+        """Apply a batch of operations to an entity: one atomic commit of the new state, the
+        consumed requests, the replies to callers and the entity's own signals."""
+        record = item.instance
+        iid = record.instance_id
+        consumed = [m.id for m in item.messages]
+        requests: list[EntityRequest] = []
+        for event in self._decode_messages(item.messages):
+            if isinstance(event, EntityRequest):
+                requests.append(event)
+            else:
+                self.stats["dropped_messages"] += 1
+                logger.warning("entity %s received a %s, which entities do not handle; dropped",
+                               iid, event.kind)
+        try:
+            eid = EntityId.parse(iid)
+        except ValueError:
+            logger.error("instance %r looks like an entity but its id is malformed; dropping "
+                         "its %d messages", iid, len(consumed))
+            return OrchestrationCompletion(iid, item.lock_token, record, consumed=consumed)
+        registered = self.app.entities.get(eid.name)
+        unknown = "" if registered is not None else (
+            f"no entity named {eid.name!r} is registered (registered entities: "
+            f"{', '.join(sorted(self.app.entities)) or 'none'}); register it with @app.entity "
+            f"on the App the worker runs")
+        now = self.clock()
+        result = await run_entity_batch(registered, eid, record.output, record.custom_status,
+                                        requests, now, unknown_error=unknown)
+        self.stats["entity_operations"] += result.applied
+        row = InstanceRecord(
+            instance_id=iid, name=record.name, execution_id=record.execution_id,
+            runtime_status=RuntimeStatus.RUNNING, created_time=record.created_time,
+            last_updated_time=now if result.applied else record.last_updated_time,
+            output=result.state, custom_status=result.scheduler)
+        completion = OrchestrationCompletion(iid, item.lock_token, row, consumed=consumed)
+        for target, reply in result.replies:
+            completion.messages.append(Message(
+                id=message_id(target, getattr(reply, "execution_id", ""), f"entity-{iid}",
+                              getattr(reply, "task_id", 0)),
+                instance_id=target, data=encode_event(reply)))
+        self._send_to_entities(completion, [
+            (target.instance_id, Message(
+                id=message_id(target.instance_id, "entity", f"from-{iid}", seq),
+                instance_id=target.instance_id, data=encode_event(request)))
+            for target, request, seq in result.signals], now)
+        return completion
+
+    @staticmethod
+    def _send_to_entities(completion: OrchestrationCompletion,
+                          sends: list[tuple[str, Message]], now: float) -> None:
+        """Add messages for entities to a completion, creating the entities that do not exist:
+        each entity's first message is the start message of a `NewInstance` (delivered to a live
+        entity as an ordinary message), the rest follow it in order."""
+        created: set[str] = set()
+        for target, message in sends:
+            if target in created:
+                completion.messages.append(message)
+                continue
+            created.add(target)
+            name = target[len(ENTITY_PREFIX):].partition("@")[0]
+            completion.new_instances.append(NewInstance(
+                record=InstanceRecord(
+                    instance_id=target, name=f"{ENTITY_PREFIX}{name}", execution_id="entity",
+                    runtime_status=RuntimeStatus.PENDING, created_time=now,
+                    last_updated_time=now),
+                start=message))
 
     def _guarded(self, instance_id: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run engine code, telling the watchdog which instance is on the CPU."""
@@ -453,6 +529,19 @@ class Worker:
                     last_updated_time=now, input=dumps(s.input)),
                 start=Message(id=message_id(s.instance_id, child_exec, "start", 0),
                               instance_id=s.instance_id, data=encode_event(start))))
+        entity_sends = []
+        for op in decision.entity_messages:
+            request = EntityRequest(
+                ts=now, operation=op.operation, input=op.input, op_kind=op.op_kind, sender=iid,
+                sender_execution_id=exec_id, section=op.section,
+                task_id=op.task_id if op.op_kind in ("call", "lock") else None)
+            if op.op_kind == "unlock":  # the same id however the section ends: sent once
+                mid = message_id(op.entity_id, exec_id, f"unlock-{iid}-{op.section}", 0)
+            else:
+                mid = message_id(op.entity_id, exec_id, f"op-{iid}", op.task_id)
+            entity_sends.append((op.entity_id, Message(id=mid, instance_id=op.entity_id,
+                                                       data=encode_event(request))))
+        self._send_to_entities(completion, entity_sends, now)
         for target, event in decision.outbound:
             completion.messages.append(Message(
                 id=message_id(target, getattr(event, "execution_id", ""),
