@@ -74,8 +74,8 @@ class Decision:
     `sub_orchestrations` are the commands among them that need messages sent; `outbound` are
     events for other instances (a parent's result). `entity_messages` are operations, locks and
     unlocks for entities, in the order sent (when the instance ends holding locks, unlocks with
-    `task_id` -1 that are not part of history release them). When `continue_as_new` is set, the runtime
-    starts a fresh execution with that input and re-sends `carried_events` to it.
+    `task_id` -1 that are not part of history release them). When `continue_as_new` is set,
+    the runtime starts a fresh execution with that input and re-sends `carried_events` to it.
     """
 
     new_events: list[HistoryEvent]

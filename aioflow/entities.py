@@ -113,7 +113,7 @@ class EntityId:
 
     @classmethod
     def parse(cls, value: str) -> EntityId:
-        """The inverse of `instance_id` / `str()`: ``"@counter@k1"`` -> EntityId("counter", "k1")."""
+        """The inverse of `instance_id`: ``"@counter@k1"`` -> ``EntityId("counter", "k1")``."""
         if not isinstance(value, str) or not value.startswith(ENTITY_PREFIX) or \
                 "@" not in value[1:]:
             raise ValueError(f"{value!r} is not an entity id; expected '@name@key'")
