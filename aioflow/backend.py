@@ -175,7 +175,10 @@ class OrchestrationCompletion:
       history is deleted first (continue-as-new starts a fresh execution).
     * `consumed` names inbox messages to delete (they were appended, or deliberately dropped).
     * `messages` go to instance inboxes (this instance's timers are delayed messages to itself);
-      `activities` go to the activity queue; `new_instances` are sub-orchestrations to create.
+      `activities` go to the activity queue; `new_instances` are sub-orchestrations (and
+      entities) to create. `new_instances` are applied before `messages`: a message this step
+      sends to an instance it creates (or finds live) arrives after that instance's start
+      message, in the order listed (durable entities rely on it).
     * `instance` is the new row; its `instance_id` is the work item's.
     * `release`: unlock the instance when committed (the usual case). When false the lease is kept.
     * `activity_lock`: store `activities` already locked by the completing worker (see

@@ -846,6 +846,32 @@ class BackendContractSuite:
             "answers the caller with a failure)"
         )
 
+    async def test_messages_to_a_new_instance_in_the_same_step_follow_its_start_in_order(
+        self, backend: Backend
+    ) -> None:
+        """Durable entities rely on this: a step's first message to an entity is the start
+        message of a NewInstance (creating the entity if absent) and the rest are ordinary
+        messages, which must arrive after it, in order, whether the entity existed or not."""
+        for existing in (False, True):
+            target = f"entity-{existing}"
+            if existing:
+                await self.start_settled(backend, target, RuntimeStatus.RUNNING)
+            first = make_message(target, b'{"op":1}')
+            rest = [make_message(target, b'{"op":%d}' % n) for n in (2, 3)]
+            await self.start(backend, f"parent-{existing}")
+            parent = await self.lock_one(backend, f"parent-{existing}", what="the sender")
+            done = completion_for(parent, new_instances=[NewInstance(
+                make_record(target, execution_id="e"), first)], messages=rest)
+            assert await backend.complete_orchestrations([done]) == [True]
+            item = await self.lock_one(backend, target, what=f"the target (existed: {existing})")
+            assert item.messages == [first, *rest], (
+                f"messages a step sends to an instance it creates (or finds live: {existing}) "
+                f"must follow the NewInstance start message in the order sent; got "
+                f"{ids(item.messages)}"
+            )
+            assert await backend.complete_orchestrations(
+                [completion_for(item, consumed=ids(item.messages))]) == [True]
+
     # -- activities -----------------------------------------------------------------------------
 
     async def enqueue_activity(self, backend: Backend, instance_id: str = "inst-1") -> ActivityTask:
