@@ -399,7 +399,10 @@ class _Batch:
 
     async def dispatch(self, request: EntityRequest) -> None:
         lock = self.lock
-        if lock is not None and request.sender != lock["holder"]:
+        # An unlock is never held back: it either ends the current section or withdraws a lock
+        # request still waiting in the queue.
+        if lock is not None and request.sender != lock["holder"] and \
+                request.op_kind != "unlock":
             self.queue.append(event_to_json(request))
             return
         await self.handle(request)
