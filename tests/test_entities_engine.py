@@ -119,7 +119,7 @@ def test_replay_with_a_different_entity_operation_is_non_deterministic() -> None
 
 
 def test_a_critical_section_locks_in_sorted_order_one_at_a_time() -> None:
-    ex, [first, second] = run("locked_wait", [])
+    ex, [first] = run("locked_wait")
     [lock_a] = first.entity_messages
     assert (lock_a.op_kind, lock_a.entity_id) == ("lock", "@counter@a"), (
         "locks are requested in sorted id order, starting with the smallest")
