@@ -11,9 +11,9 @@ Two workloads:
 * `fault_workflow`: one instance that makes every kind of backend write: a chain of three
   activities, a fan-out of five, a durable timer, a sub-orchestration and an external event
   raised by the client (`FaultInjectionSuite`).
-* `chain_flow`, `fan_out_flow`, `timer_flow`, `parent_flow`, `event_flow`, `loop_flow`: many
-  small instances for worker processes to share and to be killed in the middle of
-  (`MultiProcessSuite`).
+* `chain_flow`, `fan_out_flow`, `timer_flow`, `parent_flow`, `event_flow`, `loop_flow`,
+  `entity_flow`: many small instances for worker processes to share and to be killed in the
+  middle of (`MultiProcessSuite`); the entity flows all change the same three `TALLY` entities.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from typing import Any
 
 from aioflow.app import App
 from aioflow.context import OrchestrationContext
+from aioflow.entities import EntityContext, EntityId
 
 __all__ = [
-    "APPROVAL_EVENT", "GO_EVENT", "READY_LINE", "WAITING_FOR_APPROVAL", "app", "expected_result",
+    "APPROVAL_EVENT", "GO_EVENT", "READY_LINE", "TALLY", "WAITING_FOR_APPROVAL", "app",
+    "expected_result",
 ]
 
 app = App()
@@ -39,6 +41,8 @@ WAITING_FOR_APPROVAL = "waiting for approval"
 APPROVAL_EVENT = "approval"
 #: The external event `event_flow` waits for.
 GO_EVENT = "go"
+#: The entity name `entity_flow` signals and locks (keys "total", "left" and "right").
+TALLY = "crash.tally"
 
 
 # -- the fault-injection workload ----------------------------------------------------------------
@@ -154,6 +158,30 @@ async def loop_flow(ctx: OrchestrationContext, spec: dict[str, Any]) -> dict[str
     return {"result": out["value"], "pids": pids}
 
 
+@app.entity(name=TALLY)
+def tally(ctx: EntityContext) -> int:
+    value = int(ctx.get_state(lambda: 0))
+    if ctx.operation_name == "add":
+        value += int(ctx.get_input())
+        ctx.set_state(value)
+    return value
+
+
+@app.orchestrator(name="crash.entity")
+async def entity_flow(ctx: OrchestrationContext, spec: dict[str, Any]) -> dict[str, Any]:
+    """Signal the shared total `n` times, then move `n` from left to right in a critical
+    section (so left + right stays 0 whatever order the flows run in)."""
+    n = int(spec["n"])
+    for _ in range(n):
+        ctx.signal_entity(EntityId(TALLY, "total"), "add", 1)
+    left, right = EntityId(TALLY, "left"), EntityId(TALLY, "right")
+    async with ctx.lock_entities(left, right):
+        before = await ctx.call_entity(left, "get") + await ctx.call_entity(right, "get")
+        await ctx.call_entity(left, "add", -n)
+        await ctx.call_entity(right, "add", n)
+    return {"result": n if before == 0 else f"left + right was {before}", "pids": []}
+
+
 def expected_result(name: str, spec: Any) -> Any:
     """The deterministic part of the output of orchestrator `name` started with `spec`.
 
@@ -176,4 +204,6 @@ def expected_result(name: str, spec: Any) -> Any:
         return int(spec["start"]) + 2 + int(spec["bump"])
     if name == "crash.loop":
         return int(spec["value"]) + int(spec["rounds"])
+    if name == "crash.entity":
+        return int(spec["n"])
     raise ValueError(f"no expected result known for orchestrator {name!r}")

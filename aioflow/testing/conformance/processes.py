@@ -53,8 +53,10 @@ import pytest_asyncio
 from aioflow.backend import Backend
 from aioflow.client import Client
 from aioflow.connect import ENV_VAR, connect
+from aioflow.entities import EntityId
 from aioflow.errors import InstanceExistsError, InstanceNotRunningError
 from aioflow.events import (
+    EntityOperationSent,
     ExecutionCompleted,
     ExecutionStarted,
     HistoryEvent,
@@ -104,6 +106,13 @@ def history_problems(instance_id: str, history: list[HistoryEvent]) -> list[str]
         later = [e.kind for e in history[history.index(ends[0]) + 1:]]
         problems.append(f"{instance_id}: events after ExecutionCompleted: {later}")
     commands = collections.Counter(e.task_id for e in history if isinstance(e, _COMMANDS))
+    # Entity calls and lock requests are answered like activities; signals and unlocks are not.
+    sent = [e for e in history if isinstance(e, EntityOperationSent)]
+    commands.update(e.task_id for e in sent if e.op_kind in ("call", "lock"))
+    one_way = collections.Counter(e.task_id for e in sent if e.op_kind not in ("call", "lock"))
+    for task_id, n in sorted(one_way.items()):
+        if n > 1 or task_id in commands:
+            problems.append(f"{instance_id}: entity message {task_id} was sent more than once")
     results = collections.Counter(e.task_id for e in history if isinstance(e, _RESULTS))
     for task_id, n in sorted(commands.items()):
         if n > 1:
@@ -796,8 +805,8 @@ class MultiProcessSuite:
     def workload(count: int, rng: random.Random, *, sleep: float,
                  delays: tuple[float, float]) -> Workload:
         """`count` instances of the multi-process flows: id -> (orchestrator name, input)."""
-        kinds = ["chain", "fan_out", "timer", "parent", "event", "loop"]
-        weights = [4, 4, 2, 1, 1, 1]
+        kinds = ["chain", "fan_out", "timer", "parent", "event", "loop", "entity"]
+        weights = [4, 4, 2, 1, 1, 1, 2]
         out: Workload = {}
         for i in range(count):
             kind = kinds[i % len(kinds)] if i < len(kinds) else rng.choices(kinds, weights)[0]
@@ -813,6 +822,8 @@ class MultiProcessSuite:
                 spec = {"start": i * 100, "sleep": sleep}
             elif kind == "event":  # the client raises GO_EVENT with `bump` (see `start`)
                 spec = {"start": i * 100, "bump": rng.randint(1, 9), "sleep": sleep}
+            elif kind == "entity":
+                spec = {"n": rng.randint(1, 9)}
             else:
                 spec = {"value": i * 100, "rounds": rng.randint(2, 4), "sleep": sleep}
             out[iid] = (f"crash.{kind}", spec)
@@ -883,7 +894,23 @@ class MultiProcessSuite:
         extra = sorted(set(statuses) - expected_ids)
         if extra:
             problems.append(f"unexpected instances in the store: {extra}")
+        problems += await self.entity_problems(client, workload)
         return problems
+
+    @staticmethod
+    async def entity_problems(client: Client, workload: Workload) -> list[str]:
+        """The tallies the `crash.entity` flows changed hold exactly the sum of their work:
+        each signal and each call applied once, and the locked moves kept left + right == 0."""
+        sent = sum(int(spec["n"]) for name, spec in workload.values() if name == "crash.entity")
+        if not sent:
+            return []
+        expected = {"total": sent, "left": -sent, "right": sent}
+        found = {key: (await client.read_entity_state(EntityId(crash_app.TALLY, key))).state
+                 for key in expected}
+        if found != expected:
+            return [f"entity tallies {found}, expected {expected}: an entity operation was "
+                    f"lost or applied twice"]
+        return []
 
     @staticmethod
     async def activity_pids(client: Client, workload: Workload) -> set[int]:
