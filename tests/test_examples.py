@@ -40,6 +40,10 @@ CASES = [
                  ["[client] found instance", "input 'order-42'",
                   "OK: found order-42 by its input, raised the event"],
                  id="event_driven"),
+    pytest.param("aggregator.py", [],
+                 ["[counter] sensor-7/temperature-alarms: 1000",
+                  "OK: 1000 concurrent signals counted exactly once; budgets still total 500"],
+                 id="aggregator"),
 ]
 
 
