@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -18,6 +20,17 @@ import aioflow
 import aioflow.web
 
 PREFIX = aioflow.web.DEFAULT_PREFIX
+
+BackendUrl = Callable[[pytest.FixtureRequest, Path], str]
+
+#: The backends the end-to-end and fuzz tests run the HTTP API on: each is a function of the
+#: pytest request (to use a session fixture that starts a server) and a temporary directory,
+#: returning a backend URL. Adding a backend is one line here, for example:
+#:     pytest.param(lambda request, tmp: request.getfixturevalue("dynamodb_url"), id="dynamodb"),
+BACKENDS: list[Any] = [
+    pytest.param(lambda request, tmp: "memory://", id="memory"),
+    pytest.param(lambda request, tmp: f"sqlite:///{tmp / 'web.db'}", id="sqlite"),
+]
 
 flow = aioflow.App()
 
