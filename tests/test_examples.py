@@ -40,6 +40,10 @@ CASES = [
                  ["[client] found instance", "input 'order-42'",
                   "OK: found order-42 by its input, raised the event"],
                  id="event_driven"),
+    pytest.param("async_http_api.py", ["--self-test"],
+                 ["POST /api/reports -> 202", "POST .../raiseEvent/ApprovalEvent -> 202",
+                  "OK: report polled to completion, EXP-7 approved by event, EXP-8 terminated"],
+                 id="async_http_api-self-test"),
 ]
 
 
