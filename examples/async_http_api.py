@@ -17,8 +17,8 @@ Run it (one command; Ctrl-C stops it):
 
 A curl session against it (real output; long URLs and headers trimmed with "..."):
 
-    $ API=localhost:8080/runtime/webhooks/durabletask
-    $ curl -si -X POST localhost:8080/api/reports -H 'Content-Type: application/json' \
+    $ API=127.0.0.1:8080/runtime/webhooks/durabletask
+    $ curl -si -X POST 127.0.0.1:8080/api/reports -H 'Content-Type: application/json' \
           -d '{"title": "Q3", "sections": ["sales", "costs"]}'
     HTTP/1.1 202 Accepted
     Location: http://127.0.0.1:8080/runtime/webhooks/durabletask/instances/3a9acaa84ab54f05...

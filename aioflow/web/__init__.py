@@ -26,6 +26,13 @@ The management API follows Durable Functions' HTTP API: the same routes (see
 
 from __future__ import annotations
 
+try:
+    import aiohttp  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "aioflow.web needs aiohttp, which is not installed: pip install "
+        "'aioflow-durable[aiohttp]'") from exc
+
 from aioflow.web.auth import Authorizer, LoopbackOrToken, is_loopback
 from aioflow.web.errors import ApiError, json_error_middleware
 from aioflow.web.keys import CLIENT_KEY, DEFAULT_PREFIX, SETTINGS_KEY, WORKER_KEY, ApiSettings
