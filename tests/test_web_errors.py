@@ -133,6 +133,14 @@ async def test_an_oversize_chunked_body_is_refused_while_it_arrives(api: Any) ->
     await error_of(response, 413)
 
 
+async def test_a_host_header_no_url_can_be_built_from_is_refused_before_starting_anything(
+        api: Any) -> None:
+    before = await (await api.get(f"{PREFIX}/instances")).json()
+    response = await api.post(f"{PREFIX}/orchestrators/echo", headers={"Host": "a:b:c"})
+    assert "Host header" in await error_of(response, 400)
+    assert await (await api.get(f"{PREFIX}/instances")).json() == before
+
+
 class BrokenBackend(MemoryBackend):
     """A backend whose instance reads fail in a way nothing anticipates."""
 

@@ -2,9 +2,10 @@
 
 Hypothesis generates requests for every route of the management API (and some that do not
 exist): any method, path parameters of any text, query parameters with known and unknown names
-and hostile values, arbitrary content types and continuation tokens, and bodies that are valid
-JSON, broken JSON, binary junk or larger than the limit. They are sent over a real socket with
-the standard library's HTTP client (which sends bytes as given, unlike a helpful client).
+and hostile values, arbitrary content types, continuation tokens and Host headers, and bodies
+that are valid JSON, broken JSON, binary junk or larger than the limit. They are sent over a
+real socket with the standard library's HTTP client (which sends bytes as given, unlike a
+helpful client).
 
 For every request: the status is below 500; an error status has a JSON body with `status`,
 `error` and a non-empty `message`, and no traceback; and nothing reached the
@@ -104,6 +105,8 @@ def requests(draw: st.DrawFn) -> tuple[str, str, dict[str, str], bytes | None]:
         headers["x-ms-continuation-token"] = draw(tokens)
     if draw(st.integers(0, 5)) == 0:
         headers["Idempotency-Key"] = draw(header_text)
+    if draw(st.integers(0, 5)) == 0:
+        headers["Host"] = draw(header_text)
     body = draw(bodies)
     return method, path, headers, body
 

@@ -44,6 +44,7 @@ from aioflow.web.keys import CLIENT_KEY, SETTINGS_KEY, ApiSettings
 from aioflow.web.openapi import openapi_document
 from aioflow.web.responses import (
     create_check_status_response,
+    management_api_url,
     wait_for_completion_or_create_check_status_response,
 )
 from aioflow.web.shapes import instance_document
@@ -89,6 +90,7 @@ async def start_orchestration(request: web.Request) -> web.Response:
     polling = params.seconds(request, "pollingInterval", default=1.0, minimum=0.001,
                              maximum=settings.max_wait_seconds)
     payload = await params.json_body(request, settings.max_body_size)
+    management_api_url(request)  # a Host header we cannot build URLs from is refused first
     client = _client(request)
     try:
         started = await client.start_new(name, payload, instance_id=instance_id)
