@@ -25,6 +25,7 @@ __all__ = [
     "create_check_status_response",
     "http_management_payload",
     "management_api_url",
+    "polling_headers",
     "wait_for_completion_or_create_check_status_response",
 ]
 
@@ -70,10 +71,17 @@ def create_check_status_response(request: web.Request, instance_id: str) -> web.
     """202 Accepted with the check-status payload, `Location: <statusQueryGetUri>` and
     `Retry-After: <seconds>`: what a handler that started `instance_id` should answer."""
     payload = http_management_payload(request, instance_id)
-    return json_response(payload, status=202, headers={
-        hdrs.LOCATION: payload["statusQueryGetUri"],
-        hdrs.RETRY_AFTER: str(_settings(request).retry_after),
-    })
+    return json_response(payload, status=202, headers=_polling_headers(request, payload))
+
+
+def polling_headers(request: web.Request, instance_id: str) -> dict[str, str]:
+    """`Location` (the instance's statusQueryGetUri) and `Retry-After`, for 202 answers."""
+    return _polling_headers(request, http_management_payload(request, instance_id))
+
+
+def _polling_headers(request: web.Request, payload: dict[str, str]) -> dict[str, str]:
+    return {hdrs.LOCATION: payload["statusQueryGetUri"],
+            hdrs.RETRY_AFTER: str(_settings(request).retry_after)}
 
 
 async def wait_for_completion_or_create_check_status_response(

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from aioflow.client import Client
 from aioflow.errors import (
@@ -45,6 +45,7 @@ from aioflow.web.openapi import openapi_document
 from aioflow.web.responses import (
     create_check_status_response,
     management_api_url,
+    polling_headers,
     wait_for_completion_or_create_check_status_response,
 )
 from aioflow.web.shapes import instance_document
@@ -128,10 +129,7 @@ async def get_instance_status(request: web.Request) -> web.Response:
     document = instance_document(status, show_history_output=show_history_output)
     if status.runtime_status.is_terminal:
         return json_response(document, status=200)
-    response = create_check_status_response(request, instance_id)
-    return json_response(document, status=202, headers={
-        hdrs.LOCATION: response.headers[hdrs.LOCATION],
-        hdrs.RETRY_AFTER: response.headers[hdrs.RETRY_AFTER]})
+    return json_response(document, status=202, headers=polling_headers(request, instance_id))
 
 
 def _filters(request: web.Request) -> dict[str, Any]:
