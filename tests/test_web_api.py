@@ -463,6 +463,17 @@ def test_setup_refuses_bad_options_at_once(options: dict[str, Any], complaint: s
         aioflow.web.setup(web.Application(), flow, "memory://", **options)
 
 
+def test_setup_refuses_a_second_call_and_a_started_app() -> None:
+    app = web.Application()
+    aioflow.web.setup(app, flow, "memory://")
+    with pytest.raises(aioflow.ConfigurationError, match="already called"):
+        aioflow.web.setup(app, flow, "memory://")
+    started = web.Application()
+    started.freeze()
+    with pytest.raises(RuntimeError, match="before the application starts"):
+        aioflow.web.setup(started, flow, "memory://")
+
+
 def test_setup_refuses_a_bad_backend_url_at_once() -> None:
     with pytest.raises(aioflow.ConfigurationError, match="no backend for URL scheme"):
         aioflow.web.setup(web.Application(), flow, "nosuch://x")

@@ -72,8 +72,12 @@ def setup(
     * `max_wait_seconds`: the largest `timeout` a start request may ask to wait.
     * `worker_options`: keyword arguments for `aioflow.Worker`.
 
-    Raises `ConfigurationError` for a bad option, and `ValueError` if `app` already started.
+    Raises `ConfigurationError` for a bad option (or a second call), and `RuntimeError` if
+    `app` has already started.
     """
+    if app.frozen:
+        raise RuntimeError("aioflow.web.setup must be called before the application starts "
+                           "(it adds a start-up context and a sub-application)")
     if SETTINGS_KEY in app:
         raise ConfigurationError("aioflow.web.setup was already called on this application")
     if token is not None and authorizer is not None:
