@@ -44,6 +44,10 @@ CASES = [
                  ["[counter] sensor-7/temperature-alarms: 1000",
                   "OK: 1000 concurrent signals counted exactly once; budgets still total 500"],
                  id="aggregator"),
+    pytest.param("async_http_api.py", ["--self-test"],
+                 ["POST /api/reports -> 202", "POST .../raiseEvent/ApprovalEvent -> 202",
+                  "OK: report polled to completion, EXP-7 approved by event, EXP-8 terminated"],
+                 id="async_http_api-self-test"),
 ]
 
 
