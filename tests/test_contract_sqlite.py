@@ -278,6 +278,50 @@ async def test_process_killed_inside_a_completion_leaves_nothing_written(tmp_pat
         assert item.history_length == 0
 
 
+async def test_backends_opening_one_new_file_at_the_same_moment_all_succeed(
+    tmp_path: Path,
+) -> None:
+    """Connections racing to switch a brand-new file to WAL can get "database is locked" at
+    once (SQLite refuses rather than wait, to avoid a deadlock); opening retries instead of
+    failing the worker or client that lost the race."""
+    for n in range(60):
+        stores = [SqliteBackend(tmp_path / f"race-{n}.db") for _ in range(4)]
+        try:
+            await asyncio.gather(*(store.get_instance("x") for store in stores))
+        finally:
+            for store in stores:
+                await store.close()
+
+
+def test_opening_retries_a_step_sqlite_refused_as_locked_and_nothing_else() -> None:
+    from aioflow_sqlite._schema import _while_locked
+
+    answers: list[object] = [sqlite3.OperationalError("database is locked"),
+                             sqlite3.OperationalError("database is locked"), "done"]
+
+    def step() -> object:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert _while_locked(step, busy_timeout=5.0) == "done", "a locked answer is retried"
+
+    def broken() -> None:
+        raise sqlite3.OperationalError("no such table: nowhere")
+
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        _while_locked(broken, busy_timeout=5.0)
+
+    def always_locked() -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _while_locked(always_locked, busy_timeout=0.2)
+    assert time.monotonic() - started < 2.0, "retrying stops after the busy timeout"
+
+
 async def test_committed_data_survives_reopening(tmp_path: Path) -> None:
     path = tmp_path / "durable.db"
     async with SqliteBackend(path) as store:

@@ -37,12 +37,13 @@ RUNNING = "fuzz-running"
 FINISHED = "fuzz-finished"
 MAX_BODY = 2048
 
-KNOWN_VALUES = [RUNNING, FINISHED, "echo", "doubled_twice", "wait_for_approval", "ghost",
+KNOWN_VALUES = [RUNNING, FINISHED, "echo", "doubled_twice", "wait_for_approval", "ghost", "counter",
                 "approval", "", " ", "..", "%", "%2F", "a|b", "\x00", "é", "x" * 300]
 QUERY_NAMES = ["timeout", "pollingInterval", "showHistory", "showHistoryOutput", "showInput",
                "runtimeStatus", "createdTimeFrom", "createdTimeTo", "instanceIdPrefix", "top",
-               "reason"]
-QUERY_VALUES = ["true", "false", "TRUE", "1", "0", "-1", "1e309", "nan", "inf", "0.1", "5",
+               "reason", "op", "fetchState", "lastOperationTimeFrom", "lastOperationTimeTo"]
+QUERY_VALUES = ["add", "get", "true", "false", "TRUE", "1", "0", "-1", "1e309", "nan", "inf",
+                "0.1", "5",
                 "1000", "1001", "Running", "completed,Failed", "Running,", "2024-01-01",
                 "2024-01-01T00:00:00Z", "2024-01-01T00:00:00+14:00", "0001-01-01", "9999-12-31",
                 "9999-12-31T23:59:59-12:00", "24:00", "", "\x00", "é", "٣"]

@@ -69,6 +69,19 @@ async def collect(ctx: aioflow.OrchestrationContext, _: Any = None) -> list[Any]
     return items
 
 
+@flow.entity
+def counter(ctx: aioflow.EntityContext) -> Any:
+    """A counter entity: add, get, delete."""
+    value = ctx.get_state(lambda: 0)
+    if ctx.operation_name == "add":
+        ctx.set_state(value + ctx.get_input())
+    elif ctx.operation_name == "delete":
+        ctx.destruct_on_exit()
+    elif ctx.operation_name != "get":
+        raise ValueError(f"counter has no operation {ctx.operation_name!r}")
+    return value
+
+
 class OrderRejected(Exception):
     pass
 

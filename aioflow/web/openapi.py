@@ -29,6 +29,8 @@ def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
 
+_TIME = {"type": "string", "format": "date-time"}
+
 _RETRY_HEADERS = {
     "Location": {"description": "statusQueryGetUri: where to poll",
                  "schema": {"type": "string", "format": "uri"}},
@@ -90,6 +92,35 @@ def _signal_operation(operation_id: str, summary: str) -> dict[str, Any]:
                        {"name": "reason", "in": "query", "required": False,
                         "schema": {"type": "string", "maxLength": 4096}}],
         "responses": _SIGNAL_RESPONSES,
+    }
+
+
+def _list_entities(operation_id: str, *, by_name: bool) -> dict[str, Any]:
+    return {
+        "operationId": operation_id,
+        "summary": "Query entities" + (" with one name" if by_name else "") + ", a page at a time",
+        "tags": ["entities"],
+        "parameters": [
+            *([_param("entityName")] if by_name else []),
+            {"name": "lastOperationTimeFrom", "in": "query", "required": False,
+             "description": "Inclusive lower bound (ISO 8601)", "schema": _TIME},
+            {"name": "lastOperationTimeTo", "in": "query", "required": False,
+             "description": "Exclusive upper bound (ISO 8601)", "schema": _TIME},
+            {"name": "fetchState", "in": "query", "required": False,
+             "schema": {"type": "boolean", "default": False}},
+            {"name": "top", "in": "query", "required": False, "description": "Page size",
+             "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+            {"name": "x-ms-continuation-token", "in": "header", "required": False,
+             "description": "The continuation token of the previous page",
+             "schema": {"type": "string"}}],
+        "responses": {
+            "200": {**_json({"type": "array", "items": _ref("EntityStatus")},
+                            "One page of entities (possibly fewer than `top`)"),
+                    "headers": {"x-ms-continuation-token": {
+                        "description": "Present when there are more pages",
+                        "schema": {"type": "string"}}}},
+            **_COMMON_ERRORS,
+        },
     }
 
 
@@ -190,6 +221,44 @@ _PATHS: dict[str, Any] = {
         "post": _signal_operation("suspendInstance", "Suspend a running instance")},
     "/instances/{instanceId}/resume": {
         "post": _signal_operation("resumeInstance", "Resume a suspended instance")},
+    "/entities": {"get": _list_entities("listEntities", by_name=False)},
+    "/entities/{entityName}": {"get": _list_entities("listEntitiesByName", by_name=True)},
+    "/entities/{entityName}/{entityKey}": {
+        "get": {
+            "operationId": "getEntityState",
+            "summary": "Read an entity's state",
+            "tags": ["entities"],
+            "parameters": [_param("entityName"), _param("entityKey")],
+            "responses": {
+                "200": _json({}, "The entity's state (any JSON value)"),
+                **_COMMON_ERRORS,
+                "404": _error("The entity has no state (never operated on, or deleted)"),
+            },
+        },
+        "post": {
+            "operationId": "signalEntity",
+            "summary": "Signal an operation to an entity (one-way)",
+            "tags": ["entities"],
+            "parameters": [_param("entityName"), _param("entityKey"),
+                           {"name": "op", "in": "query", "required": True,
+                            "description": "The operation to apply",
+                            "schema": {"type": "string", "minLength": 1}},
+                           {"name": "Idempotency-Key", "in": "header", "required": False,
+                            "description": "Makes retries safe: a signal with the same key "
+                                           "is applied at most once",
+                            "schema": {"type": "string", "maxLength": 200}}],
+            "requestBody": {"required": False,
+                            "description": "The operation's input (empty: null)",
+                            "content": {"application/json": {"schema": {}}}},
+            "responses": {
+                "202": {"description": "Accepted: the operation was queued for the entity"},
+                **_COMMON_ERRORS,
+                "404": _error("No entity with that name is registered"),
+                "413": _error("The body is larger than the configured limit"),
+                "415": _error("The body is not sent as application/json"),
+            },
+        },
+    },
     "/openapi.json": {
         "get": {
             "operationId": "getOpenApiDocument",
@@ -200,8 +269,6 @@ _PATHS: dict[str, Any] = {
         },
     },
 }
-
-_TIME = {"type": "string", "format": "date-time"}
 
 _COMPONENTS: dict[str, Any] = {
     "parameters": {
@@ -222,6 +289,11 @@ _COMPONENTS: dict[str, Any] = {
                           "description": "Exclusive upper bound (ISO 8601)", "schema": _TIME},
         "instanceIdPrefix": {"name": "instanceIdPrefix", "in": "query", "required": False,
                              "schema": {"type": "string"}},
+        "entityName": {"name": "entityName", "in": "path", "required": True,
+                       "description": "The registered entity name (case-insensitive)",
+                       "schema": {"type": "string"}},
+        "entityKey": {"name": "entityKey", "in": "path", "required": True,
+                      "schema": {"type": "string"}},
     },
     "schemas": {
         "RuntimeStatus": {"type": "string", "enum": [
@@ -250,6 +322,13 @@ _COMPONENTS: dict[str, Any] = {
         "HistoryEvent": {"type": "object", "required": ["eventType", "timestamp"],
                          "additionalProperties": True, "properties": {
                              "eventType": {"type": "string"}, "timestamp": _TIME}},
+        "EntityStatus": {"type": "object", "required": ["entityId", "lastOperationTime"],
+                         "properties": {
+                             "entityId": {"type": "object", "required": ["name", "key"],
+                                          "properties": {"name": {"type": "string"},
+                                                         "key": {"type": "string"}}},
+                             "lastOperationTime": _TIME,
+                             "state": {"description": "Only with fetchState=true"}}},
         "PurgeResult": {"type": "object", "required": ["instancesDeleted"], "properties": {
             "instancesDeleted": {"type": "integer", "minimum": 1}}},
     },

@@ -15,6 +15,10 @@ All paths are relative to the prefix the API is mounted under (by default
 | POST | `/instances/{instanceId}/terminate` | 202; 404; 410 finished |
 | POST | `/instances/{instanceId}/suspend` | 202; 404; 410 finished |
 | POST | `/instances/{instanceId}/resume` | 202; 404; 410 finished |
+| GET | `/entities` | 200, one page of entities; `x-ms-continuation-token` for the next |
+| GET | `/entities/{entityName}` | the same, for one entity name |
+| GET | `/entities/{entityName}/{entityKey}` | 200 with the entity's state; 404 if it has none |
+| POST | `/entities/{entityName}/{entityKey}?op=...` | 202: the operation was signalled |
 | GET | `/openapi.json` | 200, the OpenAPI document of these routes |
 
 The table is data (`ROUTES`, grouped by concept), so a new group of routes is one more tuple
@@ -31,6 +35,7 @@ from typing import Any
 from aiohttp import web
 
 from aioflow.client import Client
+from aioflow.entities import EntityId
 from aioflow.errors import (
     InstanceExistsError,
     InstanceNotFoundError,
@@ -48,7 +53,7 @@ from aioflow.web.responses import (
     polling_headers,
     wait_for_completion_or_create_check_status_response,
 )
-from aioflow.web.shapes import instance_document
+from aioflow.web.shapes import entity_document, instance_document
 
 __all__ = ["CONTINUATION_HEADER", "ROUTES", "Route", "management_api"]
 
@@ -247,6 +252,82 @@ INSTANCE_ROUTES = (
 )
 
 
+# -- entities --------------------------------------------------------------------------------
+def _entity_name(request: web.Request) -> str | None:
+    name = request.match_info.get("entityName")
+    if name is None:
+        return None
+    try:
+        return EntityId(name, "k").name
+    except ValueError as exc:
+        raise ApiError(400, f"path parameter 'entityName': {exc}") from None
+
+
+def _entity_id(request: web.Request) -> EntityId:
+    try:
+        return EntityId(request.match_info["entityName"], request.match_info["entityKey"])
+    except ValueError as exc:
+        raise ApiError(400, f"bad entity id in the path: {exc}") from None
+
+
+async def signal_entity(request: web.Request) -> web.Response:
+    entity_id = _entity_id(request)
+    operation = params.optional_text(request, "op")
+    if not operation:
+        raise ApiError(400, "query parameter 'op' is required: the name of the operation to "
+                            "signal, e.g. ?op=add")
+    signal_id = request.headers.get("Idempotency-Key") or None
+    if signal_id is not None and len(signal_id) > 200:
+        raise ApiError(400, "the Idempotency-Key header is longer than 200 characters")
+    data = await params.json_body(request, _settings(request).max_body_size)
+    try:
+        await _client(request).signal_entity(entity_id, operation, data, signal_id=signal_id)
+    except UnknownFunctionError as exc:
+        raise ApiError(404, str(exc)) from None
+    except SerializationError as exc:
+        raise ApiError(400, f"the request body cannot be an operation input: {exc}") from None
+    return _no_content(202)
+
+
+async def get_entity(request: web.Request) -> web.Response:
+    entity_id = _entity_id(request)
+    state = await _client(request).read_entity_state(entity_id)
+    if not state.exists:
+        raise ApiError(404, f"entity {entity_id} has no state (it was never operated on, or "
+                            f"it was deleted)")
+    return json_response(state.state)
+
+
+async def list_entities(request: web.Request) -> web.Response:
+    name = _entity_name(request)
+    low = params.timestamp(request, "lastOperationTimeFrom")
+    high = params.timestamp(request, "lastOperationTimeTo")
+    fetch_state = params.boolean(request, "fetchState", False)
+    top = params.page_size(request, "top")
+    token = request.headers.get(CONTINUATION_HEADER) or None
+    if token is not None and (len(token) > _MAX_TOKEN_LENGTH or not token.isascii()):
+        raise _bad_token(token)
+    try:
+        page = await _client(request).query_entities(
+            name=name, last_operation_from=low, last_operation_to=high, page_size=top,
+            continuation=token)
+    except ValueError:
+        if token is None:
+            raise
+        raise _bad_token(token) from None
+    headers = {CONTINUATION_HEADER: page.continuation} if page.continuation else None
+    return json_response([entity_document(e, fetch_state=fetch_state) for e in page.entities],
+                         headers=headers)
+
+
+ENTITY_ROUTES = (
+    Route("GET", "/entities", list_entities, "listEntities"),
+    Route("GET", "/entities/{entityName}", list_entities, "listEntitiesByName"),
+    Route("GET", "/entities/{entityName}/{entityKey}", get_entity, "getEntityState"),
+    Route("POST", "/entities/{entityName}/{entityKey}", signal_entity, "signalEntity"),
+)
+
+
 # -- the API's own description ---------------------------------------------------------------
 async def get_openapi(request: web.Request) -> web.Response:
     return json_response(openapi_document(_settings(request).prefix or ""))
@@ -256,7 +337,8 @@ DOCUMENT_ROUTES = (
     Route("GET", "/openapi.json", get_openapi, "getOpenApiDocument"),
 )
 
-ROUTES: tuple[Route, ...] = ORCHESTRATOR_ROUTES + INSTANCE_ROUTES + DOCUMENT_ROUTES
+ROUTES: tuple[Route, ...] = (ORCHESTRATOR_ROUTES + INSTANCE_ROUTES + ENTITY_ROUTES
+                             + DOCUMENT_ROUTES)
 """Every route of the management API (add new groups of routes here)."""
 
 

@@ -2,7 +2,8 @@
 
 * `instance_document`: an instance's status (`GET /instances/{id}` and query results);
 * `management_urls`: the check-status payload (`id`, `statusQueryGetUri`, ...);
-* `history_event_document`: one entry of `historyEvents`.
+* `history_event_document`: one entry of `historyEvents`;
+* `entity_document`: an entity in the entity listing (`entityId`, `lastOperationTime`, `state`).
 
 Times are ISO 8601 in UTC with a `Z` suffix and microseconds, so a `createdTime` read from a
 document can be passed back as `createdTimeFrom` unchanged.
@@ -14,9 +15,11 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+from aioflow.entities import EntityState
 from aioflow.status import OrchestrationStatus
 
-__all__ = ["history_event_document", "instance_document", "iso_time", "management_urls"]
+__all__ = ["entity_document", "history_event_document", "instance_document", "iso_time",
+           "management_urls"]
 
 # History event fields holding a function's output, left out unless showHistoryOutput=true.
 _OUTPUT_FIELDS = frozenset({"result"})
@@ -94,3 +97,15 @@ def management_urls(api_url: str, instance_id: str) -> dict[str, str]:
         "resumePostUri": f"{instance_url}/resume?reason={{text}}",
         "purgeHistoryDeleteUri": instance_url,
     }
+
+
+def entity_document(state: EntityState, *, fetch_state: bool) -> dict[str, Any]:
+    """An entity as `GET /entities[/{name}]` lists it (Durable Functions' field names)."""
+    document: dict[str, Any] = {
+        "entityId": {"name": state.entity_id.name, "key": state.entity_id.key},
+        "lastOperationTime": iso_time(state.last_operation_time)
+        if state.last_operation_time is not None else None,
+    }
+    if fetch_state:
+        document["state"] = state.state
+    return document

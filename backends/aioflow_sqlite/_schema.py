@@ -24,8 +24,13 @@ recompute it.
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from aioflow.errors import ConfigurationError
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 
@@ -134,7 +139,8 @@ def set_up_connection(
             f"against SQLite {sqlite3.sqlite_version}; use a newer Python build"
         )
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0]
+    mode = _while_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchall()[0][0],
+                         busy_timeout)
     if str(mode).lower() != "wal":
         raise ConfigurationError(
             f"cannot switch SQLite database {path!r} to WAL journal mode (it stays in "
@@ -142,6 +148,32 @@ def set_up_connection(
             f"systems only (not on network shares)"
         )
     conn.execute(f"PRAGMA synchronous = {synchronous}")
+    _while_locked(lambda: _create_schema(conn, path), busy_timeout)
+
+
+def _while_locked(step: Callable[[], T], busy_timeout: float) -> T:
+    """Run `step`, retrying while SQLite answers "database is locked" at once.
+
+    Two connections opening a brand-new file at the same moment can get SQLITE_BUSY from the
+    switch to WAL (or the schema transaction) without SQLite waiting for the busy timeout: it
+    refuses rather than risk a deadlock between them. Retrying after a short pause is safe,
+    because both steps are idempotent; give up after `busy_timeout` seconds like a busy wait.
+    """
+    deadline = time.monotonic() + busy_timeout
+    pause = 0.005
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
+def _create_schema(conn: sqlite3.Connection, path: str) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         for statement in _SCHEMA_STATEMENTS:
