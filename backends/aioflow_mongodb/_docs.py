@@ -86,9 +86,14 @@ def pack(data: bytes | None, owner: str, instance_id: str, chunks: list[Doc]) ->
     return {"ref": owner, "n": count, "len": len(data)}
 
 
-def refs(values: Iterable[Any]) -> list[str]:
-    """The chunk owners referenced by stored payloads among `values`."""
-    return [v["ref"] for v in values if isinstance(v, Mapping) and "ref" in v]
+def refs(values: Iterable[Any]) -> list[Doc]:
+    """The chunk references among stored payloads `values`."""
+    return [dict(v) for v in values if isinstance(v, Mapping) and "ref" in v]
+
+
+def chunk_ids(references: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The ids of the chunk documents that `references` need (ids are derived, not stored)."""
+    return [key(r["ref"], k) for r in references for k in range(1, r["n"] + 1)]
 
 
 def unpack(value: Any, chunks: Mapping[str, list[bytes]]) -> bytes | None:
@@ -160,7 +165,7 @@ def row_fields(record: InstanceRecord, owner: str, chunks: list[Doc]) -> Doc:
     return fields
 
 
-def row_refs(fields: Mapping[str, Any]) -> list[str]:
+def row_refs(fields: Mapping[str, Any]) -> list[Doc]:
     return refs(fields.get(name) for name in _ROW_PAYLOADS)
 
 

@@ -79,8 +79,6 @@ from ._docs import TERMINAL, Doc, check_str, key, message_key, next_seq
 __all__ = ["INDEXES", "MongoBackend", "MongoUnavailableError"]
 
 _DUPLICATE_KEY = 11000
-#: How often (seconds) a backend looks for commits whose worker died midway.
-_RECOVERY_INTERVAL = 1.0
 #: How many future wake-up times (delayed messages written here) are remembered.
 _MAX_DUE = 10_000
 
@@ -190,7 +188,6 @@ class MongoBackend:
         self._events = {kind: asyncio.Event() for kind in WorkKind}
         self._due: list[float] = []
         self._held: dict[str, tuple[int, str]] = {}  # lock token -> (history length, gen)
-        self._next_recovery = 0.0
 
     def __repr__(self) -> str:
         return f"MongoBackend(database={self.database_name!r}, prefix={self.prefix!r})"
@@ -510,8 +507,8 @@ class MongoBackend:
         """Lock up to `max_items` instances with visible messages and no live lease.
 
         Instances whose oldest visible message was sent first come first; each item holds its
-        visible messages in send order (at most `max_messages`). Also finishes commits left
-        half-applied by workers that died (at most once a second per backend object).
+        visible messages in send order (at most `max_messages`). First finishes the commits
+        left half-applied by workers that died (pending past their lease).
         """
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
@@ -520,12 +517,17 @@ class MongoBackend:
         if max_items < 1:
             return []
         await self._open()
-        await self._recover()
         now = time.time()
-        # Instances that cannot be locked now, then the oldest visible messages of the others
-        # (a scan of the visible messages, bounded; FerretDB has no $group $min to do better).
-        busy = [d["_id"] async for d in self._instances.find(
-            {"$or": [{"until": {"$gt": now}}, {"pend": True}]}, {"_id": 1})]
+        # Instances that cannot be locked now (leased, or a commit is being applied), then the
+        # oldest visible messages of the others (a bounded scan; FerretDB has no $group $min to
+        # do better). A commit left pending past its lease lost its writer: finish it first.
+        busy: list[str] = []
+        async for doc in self._instances.find({"$or": [{"until": {"$gt": now}}, {"pend": True}]},
+                                              {"until": 1, "pend": 1}):
+            if doc["pend"] and doc["until"] <= now:
+                await self._roll_forward(doc["_id"])  # then it is lockable like any other
+                continue
+            busy.append(doc["_id"])
         candidates: dict[str, None] = {}
         async for m in self._messages.find(
                 {"c": False, "v": {"$lte": now}, "i": {"$nin": busy}}, {"i": 1}).sort(
@@ -734,16 +736,6 @@ class MongoBackend:
         if doc is not None and doc["pend"]:
             await self._apply(iid, doc["cm"])
 
-    async def _recover(self) -> None:
-        """Roll forward commits whose writer died midway (their lease has expired)."""
-        now = time.time()
-        if now < self._next_recovery:
-            return
-        self._next_recovery = now + _RECOVERY_INTERVAL
-        async for doc in self._instances.find({"pend": True, "until": {"$lte": now}},
-                                              {"cm": 1}).limit(20):
-            await self._apply(doc["_id"], doc["cm"])
-
     async def _apply(self, iid: str, stored: Doc) -> None:
         """Apply every part of a commit (idempotently), then clear it from the row."""
         cid = stored["cid"]
@@ -782,7 +774,7 @@ class MongoBackend:
             update.update(tok=None, until=0.0)
         await self._instances.update_one({"_id": iid, "cm.cid": cid}, {"$set": update})
         if "blob" in stored:
-            await self._chunks.delete_many({"o": stored["blob"]["ref"]})
+            await self._chunks.delete_many({"_id": {"$in": _docs.chunk_ids([stored["blob"]])}})
 
     async def abandon_orchestration(
         self, instance_id: str, lock_token: str, *, retry_after: float = 0.0
@@ -901,11 +893,14 @@ class MongoBackend:
 
     # -- chunks -----------------------------------------------------------------------------
 
-    async def _load_chunks(self, owners: list[str]) -> dict[str, list[bytes]]:
-        if not owners:
+    async def _load_chunks(self, references: list[Doc]) -> dict[str, list[bytes]]:
+        """The chunks of `references` (from `_docs.refs`), fetched by ``_id`` one by one (the
+        ids are derived from the reference; FerretDB serves only such lookups from an index)."""
+        if not references:
             return {}
-        return _docs.group_chunks(
-            await self._chunks.find({"o": {"$in": owners}}).to_list(None))
+        found = await asyncio.gather(*(self._chunks.find_one({"_id": cid})
+                                       for cid in _docs.chunk_ids(references)))
+        return _docs.group_chunks(doc for doc in found if doc is not None)
 
 
 # -- queries -------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ A standard MongoDB connection string, with the database named in its path or by 
 
 Two parameters are aioflow's own and are removed before the string reaches the driver:
 
-* ``database``: the database to use, when the path does not name one (the path may stay
-  empty, or name the authentication database together with ``authSource``).
+* ``database``: the database to use. It takes precedence over the path, which then keeps its
+  driver meaning only (the default authentication database).
 * ``collection_prefix``: prefix of the collection names (default ``aioflow_``), so several
   applications can share one database.
 
@@ -65,10 +65,6 @@ def split_uri(uri: str) -> tuple[str, str, dict[str, Any]]:
             kept.append((name, value))
     path_db = unquote(parts.path.lstrip("/"))
     database = own.get("database") or path_db
-    if own.get("database") and path_db and own["database"] != path_db:
-        raise ConfigurationError(
-            f"MongoDB URL {uri!r} names two databases, {path_db!r} in its path and "
-            f"{own['database']!r} in database=; keep one")
     if not database:
         raise ConfigurationError(
             f"MongoDB URL {uri!r} names no database: put it in the path "

@@ -48,6 +48,9 @@ func main() {
 	data := flag.String("data", "", "directory for the SQLite databases (created if missing)")
 	serialize := flag.Bool("serialize", true, "run one command at a time (see the package doc)")
 	logLevel := flag.String("log-level", "error", "FerretDB log level: debug, info, warn or error")
+	synchronous := flag.String("synchronous", "NORMAL",
+		"SQLite synchronous mode: NORMAL (durable against process crashes; the default for "+
+			"a test server) or FULL (an fsync per write, durable against power loss)")
 	flag.Parse()
 
 	if *data == "" {
@@ -59,6 +62,9 @@ func main() {
 	}
 	if err != nil {
 		fail(2, "cannot use data directory %q: %v", *data, err)
+	}
+	if *synchronous != "NORMAL" && *synchronous != "FULL" {
+		fail(2, "bad -synchronous %q: NORMAL or FULL", *synchronous)
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
@@ -82,7 +88,7 @@ func main() {
 		Listener:  ferretdb.ListenerConfig{TCP: inner},
 		Logger:    logger,
 		Handler:   "sqlite",
-		SQLiteURL: "file:" + dir + "/",
+		SQLiteURL: "file:" + dir + "/?_pragma=synchronous(" + *synchronous + ")",
 	})
 	if err != nil {
 		fail(1, "%v", err)
