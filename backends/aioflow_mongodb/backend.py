@@ -51,7 +51,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import bson
-from pymongo import ASCENDING, AsyncMongoClient, UpdateOne
+from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError, ServerSelectionTimeoutError
@@ -539,24 +539,26 @@ class MongoBackend:
     async def _lock_instances(self, candidates: list[str], worker_id: str, max_items: int,
                               lease_seconds: float, max_messages: int
                               ) -> list[OrchestrationWorkItem]:
-        """Lock the first `max_items` lockable instances among `candidates` (in order)."""
-        if not candidates:
-            return []
+        """Lock the first `max_items` lockable instances among `candidates` (in order): one
+        conditional ``find_one_and_update`` each, which also returns the row."""
         now = time.time()
         lockable = {"until": {"$lte": now}, "pend": False}
-        free = {d["_id"] async for d in self._instances.find(
-            {"_id": {"$in": candidates}, **lockable}, {"_id": 1})}
-        chosen = [iid for iid in candidates if iid in free][:max_items]
-        if not chosen:
-            return []
-        tokens = {iid: _token() for iid in chosen}
         until = now + lease_seconds
-        await self._instances.bulk_write([
-            UpdateOne({"_id": iid, **lockable},
-                      {"$set": {"tok": tokens[iid], "until": until, "by": worker_id}})
-            for iid in chosen], ordered=False)
-        docs = {d["_id"]: d async for d in self._instances.find({"_id": {"$in": chosen}})}
-        mine = [iid for iid in chosen if iid in docs and docs[iid]["tok"] == tokens[iid]]
+        tokens: dict[str, str] = {}
+        docs: dict[str, Doc] = {}
+        remaining = list(dict.fromkeys(candidates))
+        for _ in range(3):  # candidates other workers took meanwhile make room for the next
+            if not remaining or len(docs) >= max_items:
+                break
+            batch, remaining = remaining[:max_items - len(docs)], remaining[max_items - len(docs):]
+            for iid in batch:
+                tokens[iid] = _token()
+            claimed = await asyncio.gather(*(self._instances.find_one_and_update(
+                {"_id": iid, **lockable},
+                {"$set": {"tok": tokens[iid], "until": until, "by": worker_id}},
+                return_document=ReturnDocument.AFTER) for iid in batch))
+            docs.update((doc["_id"], doc) for doc in claimed if doc is not None)
+        mine = [iid for iid in candidates if iid in docs]
         if not mine:
             return []
         inbox: dict[str, list[Doc]] = {iid: [] for iid in mine}
