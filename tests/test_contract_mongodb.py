@@ -311,3 +311,33 @@ async def test_a_commit_interrupted_after_its_commit_point_is_finished_by_anothe
         (task,) = await other.lock_activities("other", max_items=5, lease_seconds=60)
         assert task.task.id == "t1"
         assert await other.get_history("parent") == [b"e1", b"e2"], "applied exactly once"
+
+
+async def test_batches_of_hundreds_of_messages_and_tasks_in_one_call(
+    backend: MongoBackend,
+) -> None:
+    # FerretDB 1.24 deadlocks on one write command of more than ~100 statements; the backend
+    # must split its bulk writes (and MongoDB must not notice).
+    async with asyncio.timeout(90):  # a deadlocked server fails the test, not hangs it
+        await _hundreds(backend)
+
+
+async def _hundreds(backend: MongoBackend) -> None:
+    n = 260
+    await backend.create_instance(record("wide"), message("wide", "start"))
+    await backend.send_messages([message("wide", f"m{k}") for k in range(n)])
+    (item,) = await backend.lock_orchestrations("w", max_items=1, lease_seconds=60)
+    assert len(item.messages) == n + 1
+    tasks = [ActivityTask(f"wide-task-{k}", "wide", b"{}") for k in range(n)]
+    step = OrchestrationCompletion(
+        "wide", item.lock_token, item.instance, [b"fan-out"],
+        consumed=[m.id for m in item.messages], activities=tasks)
+    assert await backend.complete_orchestrations([step]) == [True]
+    work = await backend.lock_activities("w", max_items=1000, lease_seconds=60)
+    assert sorted(w.task.id for w in work) == sorted(t.id for t in tasks)
+    await backend.complete_activities([
+        ActivityResult(w.task.id, w.lock_token, message("wide", f"r-{w.task.id}"))
+        for w in work])
+    assert await backend.lock_activities("w", max_items=1000, lease_seconds=60) == []
+    (item,) = await backend.lock_orchestrations("w", max_items=1, lease_seconds=60)
+    assert len(item.messages) == n, "every result arrived, and no consumed message came back"

@@ -51,7 +51,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import bson
-from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, AsyncMongoClient, DeleteOne, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError, ServerSelectionTimeoutError
@@ -79,6 +79,8 @@ from ._docs import TERMINAL, Doc, check_str, key, message_key, next_seq
 __all__ = ["INDEXES", "MongoBackend", "MongoUnavailableError"]
 
 _DUPLICATE_KEY = 11000
+#: Statements per bulk write command (see `_bulk`).
+_BULK_LIMIT = 50
 #: How many future wake-up times (delayed messages written here) are remembered.
 _MAX_DUE = 10_000
 
@@ -766,8 +768,10 @@ class MongoBackend:
         await self._insert_messages(record["msgs"])
         await self._insert_ignoring_duplicates(self._tasks, record["tasks"])
         if record["consumed"]:
-            await self._messages.update_many({"_id": {"$in": record["consumed"]}, "c": False},
-                                             {"$set": {"c": True, "d": None}})
+            # One update per id, filtered by _id alone (idempotent): FerretDB serves exactly
+            # that from its index, where an $in or a second condition scans the collection.
+            await _bulk(self._messages, [UpdateOne({"_id": k}, {"$set": {"c": True, "d": None}})
+                                         for k in record["consumed"]])
         if record["reset"]:
             await self._messages.delete_many({"i": iid, "c": True})
         update: Doc = {**record["row"], "hg": hg, "hl": hl0 + len(hist), "pend": False,
@@ -831,11 +835,11 @@ class MongoBackend:
                 break
             tried.update(ids)
             tokens = {tid: _token() for tid in ids}
-            await self._tasks.bulk_write([
+            await _bulk(self._tasks, [
                 UpdateOne({"_id": tid, **lockable},
                           {"$set": {"tok": tokens[tid], "until": now + lease_seconds,
                                     "by": worker_id}, "$inc": {"dq": 1}})
-                for tid in ids], ordered=False)
+                for tid in ids])
             won += [d async for d in self._tasks.find({"_id": {"$in": ids}})
                     if d["tok"] == tokens[d["_id"]]]
             if len(won) >= max_items:
@@ -862,8 +866,8 @@ class MongoBackend:
         docs = [self._message_doc(r.message, chunks) for r in results]
         await self._insert_ignoring_duplicates(self._chunks, chunks)
         delivered = await self._insert_messages(docs)
-        await self._tasks.delete_many(
-            {"_id": {"$in": [check_str(r.task_id, "task_id") for r in results]}})
+        await _bulk(self._tasks, [DeleteOne({"_id": check_str(r.task_id, "task_id")})
+                                  for r in results])
         items: list[OrchestrationWorkItem] = []
         if lock is not None and delivered:
             targets = list(dict.fromkeys(d["i"] for d in delivered))
@@ -906,6 +910,18 @@ class MongoBackend:
 
 
 # -- queries -------------------------------------------------------------------------------------
+
+
+async def _bulk(collection: AsyncCollection[Doc], ops: Sequence[Any]) -> None:
+    """Run write operations (any order) in commands of at most `_BULK_LIMIT` statements.
+
+    FerretDB 1.24 keeps a database connection per statement of one command until the command
+    ends and deadlocks past its pool of 100; MongoDB does not mind, and the extra commands
+    only matter for batches of hundreds.
+    """
+    for start in range(0, len(ops), _BULK_LIMIT):
+        await collection.bulk_write(list(ops[start:start + _BULK_LIMIT]), ordered=False)
+
 
 
 def _where(query: InstanceQuery) -> list[Doc]:
