@@ -156,6 +156,20 @@ async def test_an_existing_client_or_database_can_be_used_and_is_not_closed(
         await client.close()
 
 
+async def test_a_uri_with_aioflow_parameters_can_be_given_to_the_constructor(
+    mongodb_server: MongoServer, mongodb_database: str  # noqa: F811
+) -> None:
+    base = mongodb_server.uri.split("?", 1)[0].rstrip("/")
+    store = MongoBackend(f"{base}/?database={mongodb_database}&collection_prefix=orders_")
+    assert (store.database_name, store.prefix) == (mongodb_database, "orders_")
+    try:
+        await store.create_instance(record("p"), message("p", "start"))
+        names = await store.database.list_collection_names()
+        assert "orders_instances" in names, f"collections: {sorted(names)}"
+    finally:
+        await store.close()
+
+
 async def test_the_indexes_listed_in_the_readme_are_created_on_first_use(
     backend: MongoBackend,
 ) -> None:

@@ -155,9 +155,13 @@ class MongoBackend:
         self._owns_client = False
         self._options = dict(client_options or {})
         if isinstance(target, str):
-            self._uri = target
+            from .url import split_uri
+
+            self._uri, in_uri, options = split_uri(target, database_required=database is None)
             self._owns_client = True
-            self.database_name = database or _database_from_uri(target)
+            self.database_name = database or in_uri
+            if prefix == "aioflow_" and "prefix" in options:
+                self.prefix = prefix = options["prefix"]
         elif isinstance(target, AsyncDatabase):
             if database is not None and database != target.name:
                 raise ConfigurationError(
@@ -982,10 +986,3 @@ def _check_database_name(name: str) -> None:
         raise ConfigurationError(
             f"invalid MongoDB database name {name!r}: use 1-63 bytes without any of "
             f"/\\. \"$*<>:|? (e.g. 'aioflow')")
-
-
-def _database_from_uri(uri: str) -> str:
-    from .url import split_uri
-
-    return split_uri(uri)[1]
-

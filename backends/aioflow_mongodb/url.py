@@ -39,9 +39,10 @@ _FORM = ("write mongodb://HOST[:PORT][,HOST2...]/DATABASE[?options] (or mongodb+
          "e.g. mongodb://localhost:27017/aioflow")
 
 
-def split_uri(uri: str) -> tuple[str, str, dict[str, Any]]:
+def split_uri(uri: str, *, database_required: bool = True) -> tuple[str, str, dict[str, Any]]:
     """Split a backend URL into (the connection string for PyMongo, the database name,
-    `MongoBackend` keyword arguments). Raises `ConfigurationError` saying what is wrong."""
+    `MongoBackend` keyword arguments). Raises `ConfigurationError` saying what is wrong
+    (also when it names no database, unless `database_required` is false: then it is "")."""
     if not isinstance(uri, str):
         raise ConfigurationError(f"a MongoDB backend URL must be a str, not {type(uri).__name__}")
     try:
@@ -65,7 +66,7 @@ def split_uri(uri: str) -> tuple[str, str, dict[str, Any]]:
             kept.append((name, value))
     path_db = unquote(parts.path.lstrip("/"))
     database = own.get("database") or path_db
-    if not database:
+    if not database and database_required:
         raise ConfigurationError(
             f"MongoDB URL {uri!r} names no database: put it in the path "
             f"(mongodb://host/DATABASE) or add ?database=NAME")
@@ -86,5 +87,5 @@ def open_backend(url: str) -> MongoBackend:
     docstring). Cheap and synchronous: nothing connects until the backend is first used; an
     unreachable server then raises `MongoUnavailableError` after the server-selection timeout
     (PyMongo's default is 30 s; set ``serverSelectionTimeoutMS`` in the URL to change it)."""
-    client_uri, database, options = split_uri(url)
-    return MongoBackend(client_uri, database, **options)
+    split_uri(url)  # every error now, before anything is created
+    return MongoBackend(url)
