@@ -145,10 +145,6 @@ class MongoBackend:
         prefix: str = "aioflow_",
         client_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9_]*", prefix):
-            raise ConfigurationError(
-                f"invalid collection prefix {prefix!r}: use letters, digits and '_' only")
-        self.prefix = prefix
         self._uri: str | None = None
         self._client: AsyncMongoClient[Doc] | None = None
         self._db: AsyncDatabase[Doc] | None = None
@@ -161,7 +157,7 @@ class MongoBackend:
             self._owns_client = True
             self.database_name = database or in_uri
             if prefix == "aioflow_" and "prefix" in options:
-                self.prefix = prefix = options["prefix"]
+                prefix = options["prefix"]
         elif isinstance(target, AsyncDatabase):
             if database is not None and database != target.name:
                 raise ConfigurationError(
@@ -188,6 +184,10 @@ class MongoBackend:
                 f"MongoBackend needs a mongodb:// URI, an AsyncMongoClient or an "
                 f"AsyncDatabase, not {type(target).__name__}")
         _check_database_name(self.database_name)
+        if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9_]*", prefix):
+            raise ConfigurationError(
+                f"invalid collection prefix {prefix!r}: use letters, digits and '_' only")
+        self.prefix = prefix
         self._ready_lock = asyncio.Lock()
         self._ready = False
         self._closed = False
