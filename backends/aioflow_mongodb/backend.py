@@ -92,7 +92,8 @@ INDEXES: dict[str, list[tuple[str, list[tuple[str, int]]]]] = {
         ("pending_commits", [("pend", ASCENDING), ("until", ASCENDING)]),
     ],
     "messages": [
-        ("visible", [("c", ASCENDING), ("v", ASCENDING)]),
+        # pending messages in send order, visibility checked from the index
+        ("pending", [("c", ASCENDING), ("s", ASCENDING), ("v", ASCENDING)]),
         ("inbox", [("i", ASCENDING), ("c", ASCENDING), ("s", ASCENDING)]),
     ],
     "history": [("by_instance", [("i", ASCENDING), ("g", ASCENDING), ("n", ASCENDING)])],
