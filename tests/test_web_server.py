@@ -5,7 +5,7 @@ answers with `create_check_status_response`), runs with `web.AppRunner` and a TC
 production code, and a plain HTTP client drives it only through the URLs and headers the
 answers contain, honouring `Retry-After`, as a Durable Functions client would.
 
-It runs on every backend in `web_support.BACKENDS` (adding one there adds it here).
+It runs on every backend in `web_support.SERVER_BACKENDS` (adding one there adds it here).
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from web_support import BACKENDS, PREFIX, BackendUrl, service
+from servers.ferretdb import mongodb_database, mongodb_server  # noqa: F401
+from web_support import PREFIX, SERVER_BACKENDS, BackendUrl, service
 
 import aioflow.web
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=SERVER_BACKENDS)
 def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     url: BackendUrl = request.param
     return url(request, tmp_path)

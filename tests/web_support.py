@@ -32,6 +32,14 @@ BACKENDS: list[Any] = [
     pytest.param(lambda request, tmp: f"sqlite:///{tmp / 'web.db'}", id="sqlite"),
 ]
 
+#: The end-to-end HTTP test (tests/test_web_server.py) also runs on the server-backed stores;
+#: their session fixtures are imported there.
+SERVER_BACKENDS: list[Any] = [
+    *BACKENDS,
+    pytest.param(lambda request, tmp: request.getfixturevalue("mongodb_server").url(
+        request.getfixturevalue("mongodb_database")), id="mongodb"),
+]
+
 flow = aioflow.App()
 
 
