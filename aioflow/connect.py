@@ -20,6 +20,7 @@ DEFAULT_URL = "sqlite:///aioflow.db"
 _BUILTIN = {
     "sqlite": "aioflow_sqlite:open_backend",
     "memory": "aioflow.testing.memory:open_backend",
+    "dynamodb": "aioflow_dynamodb:open_backend",
 }
 
 
