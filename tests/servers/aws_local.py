@@ -8,9 +8,10 @@
   ``~/.cache/aioflow/elasticmq/VERSION`` on first use and run with Java 17.
 
 Both listen on 127.0.0.1 on free ports, are waited for until they answer, and are stopped at
-the end of the session. A server that cannot start is a test error naming what failed (never a
-skip). The fixture also sets dummy AWS credentials in the environment (inherited by worker
-processes), so nothing ever reaches real AWS with real credentials.
+the end of the session. A server that cannot start is a test failure naming what failed (never
+a skip). `aws_servers` is the same as a plain context manager (the benchmark uses it). Both
+set dummy AWS credentials in the environment (inherited by worker processes), so nothing ever
+reaches real AWS with real credentials.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ REGION = "eu-west-1"
 _HERE = Path(__file__).resolve().parent
 _CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aioflow"
 _START_TIMEOUT = 90.0
+
+
+class ServerError(RuntimeError):
+    """A local server could not be fetched or started (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ def _fail(what: str, log: Path | None = None) -> None:
     if log is not None and log.exists():
         tail = "\n--- server log (tail) ---\n" + "\n".join(
             log.read_text(errors="replace").splitlines()[-30:])
-    pytest.fail(f"{what}{tail}", pytrace=False)
+    raise ServerError(f"{what}{tail}")
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, name: str) -> None:
@@ -103,9 +108,8 @@ def elasticmq_classpath() -> Path:
         return target
     mvn = shutil.which("mvn")
     if mvn is None:
-        _fail("Maven ('mvn') is needed to fetch the ElasticMQ SQS server for the DynamoDB "
-              "backend tests; install Maven (apt-get install maven) and Java 17")
-    assert mvn is not None
+        raise ServerError("Maven ('mvn') is needed to fetch the ElasticMQ SQS server for the "
+                          "DynamoDB backend; install Maven (apt-get install maven)")
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     result = subprocess.run(
@@ -137,15 +141,14 @@ def _process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
             proc.wait(10)
 
 
-@pytest.fixture(scope="session")
-def aws_endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsEndpoints]:
-    """moto (DynamoDB) and ElasticMQ (SQS) running on 127.0.0.1 for the whole session."""
-    logs = tmp_path_factory.mktemp("aws-servers")
+@contextlib.contextmanager
+def aws_servers(logs: Path) -> Iterator[AwsEndpoints]:
+    """Run moto (DynamoDB) and ElasticMQ (SQS) on 127.0.0.1 while the block runs, with dummy
+    AWS credentials in the environment. Raises `ServerError` if either cannot start."""
     java = shutil.which("java")
     if java is None:
-        _fail("Java 17 ('java') is needed to run the ElasticMQ SQS server for the DynamoDB "
-              "backend tests; install it (apt-get install openjdk-17-jre-headless)")
-    assert java is not None
+        raise ServerError("Java 17 ('java') is needed to run the ElasticMQ SQS server for the "
+                          "DynamoDB backend; install it (apt-get install openjdk-17-jre-headless)")
     jars = elasticmq_classpath()
     sqs_port, ddb_port = free_port(), free_port()
     config = logs / "elasticmq.conf"
@@ -180,3 +183,19 @@ def aws_endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsEndpo
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def aws_endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsEndpoints]:
+    """moto (DynamoDB) and ElasticMQ (SQS) running on 127.0.0.1 for the whole session. A server
+    that cannot start fails the tests that need it (never skips them)."""
+    servers = aws_servers(tmp_path_factory.mktemp("aws-servers"))
+    try:
+        endpoints = servers.__enter__()
+    except ServerError as exc:
+        pytest.fail(f"the local AWS servers for the DynamoDB backend tests did not start: {exc}",
+                    pytrace=False)
+    try:
+        yield endpoints
+    finally:
+        servers.__exit__(None, None, None)
