@@ -306,11 +306,14 @@ async def test_a_lost_wake_up_after_create_instance_is_recovered_by_the_sweeper(
             "start"]
 
 
-async def test_a_step_whose_effects_were_never_applied_is_rolled_forward(
-    aws_endpoints: AwsEndpoints, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+@pytest.mark.parametrize("path", ["in-transaction", "rolled-forward"])
+async def test_a_step_whose_hints_were_never_sent_is_recovered_by_the_sweeper(
+    aws_endpoints: AwsEndpoints, monkeypatch: pytest.MonkeyPatch, path: str  # noqa: F811
 ) -> None:
-    """The worker commits its step, then dies before sending a single hint (or applying any
-    effect): the sweeper applies the effects and sends the hints; nothing is lost or doubled."""
+    """The worker commits its step, then dies before sending a single hint. A small step
+    wrote its effects in the commit and its hints on the row; a step creating an instance
+    recorded its effects for roll-forward and dies before applying any. Either way the
+    sweeper finishes the job: the activity, the message and the child all arrive, once."""
     options = aws_endpoints.options()
     async with DynamoDBBackend(**options) as crashing, \
             DynamoDBBackend(**options) as survivor:  # type: ignore[arg-type]
@@ -324,26 +327,31 @@ async def test_a_step_whose_effects_were_never_applied_is_rolled_forward(
         assert await crashing.complete_orchestrations([OrchestrationCompletion(
             "peer", peer.lock_token, peer.instance, consumed=["peer-start"])]) == [True]
         item = by_id["inst"]
+        children = ([NewInstance(record("child"), message("child", "child-start"))]
+                    if path == "rolled-forward" else [])
+        monkeypatch.setattr(crashing, "_send_hints", _no_sqs)
         monkeypatch.setattr(crashing, "_apply", _no_sqs)
         step = OrchestrationCompletion(
             "inst", item.lock_token, item.instance, [b'{"h":1}'], consumed=["start"],
-            messages=[message("peer", "hello")], activities=[ActivityTask("t1", "inst", b"1")])
+            messages=[message("peer", "hello")], activities=[ActivityTask("t1", "inst", b"1")],
+            new_instances=children)
         with pytest.raises(_LostHint):
             await crashing.complete_orchestrations([step])
         assert await survivor.get_history("inst") == [b'{"h":1}'], "the step was committed"
         assert await survivor.lock_activities("w", max_items=5, lease_seconds=60) == []
+        assert await survivor.lock_orchestrations("w", max_items=5, lease_seconds=60) == []
         assert await survivor.sweep(grace=0) == 1
-        assert await survivor.sweep(grace=0) == 0, "rolled forward once, then cleared"
-        work = []
+        assert await survivor.sweep(grace=0) == 0, "recovered once, then cleared"
+        work: list[ActivityWorkItem] = []
         for _ in range(50):
             work += await survivor.lock_activities("w", max_items=5, lease_seconds=60)
             if work:
                 break
             await asyncio.sleep(0.05)
         assert [w.task.id for w in work] == ["t1"]
-        (woken,) = await lock_until(survivor, 1)
-        assert woken.instance.instance_id == "peer" and [m.id for m in woken.messages] == [
-            "hello"]
+        woken = await lock_until(survivor, 1 + len(children))
+        assert sorted((i.instance.instance_id, [m.id for m in i.messages]) for i in woken) == (
+            [("child", ["child-start"])] if children else []) + [("peer", ["hello"])]
         assert await survivor.lock_orchestrations("w", max_items=5, lease_seconds=60) == [], (
             "the consumed start message of 'inst' must not come back")
 

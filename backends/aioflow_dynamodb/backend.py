@@ -545,55 +545,22 @@ class DynamoDBBackend:
         new_length = first + len(completion.new_history)
         now = time.time()
         staged: list[str] = []  # blob ids written for this commit
-
-        effects: dict[str, Any] | None = None
-        if (completion.consumed or completion.messages or completion.activities
-                or completion.new_instances or completion.reset_history):
-            for message in completion.messages:
-                c.check_bytes(message.data, "message data")
+        for message in completion.messages:
+            c.check_bytes(message.data, "message data")
+        for task in completion.activities:
+            c.check_bytes(task.data, "activity task data")
+        lock = completion.activity_lock
+        if lock is not None:
             for task in completion.activities:
-                c.check_bytes(task.data, "activity task data")
-            lock = completion.activity_lock
-            effects = {
-                "c": list(completion.consumed),
-                "m": [c.message_to_json(m) for m in completion.messages],
-                "a": [c.task_to_json(t) for t in completion.activities],
-                "al": None if lock is None else [lock.lock_token, lock.lease_seconds],
-                "at": now,
-                "n": [[c.record_to_json(n.record), c.message_to_json(n.start)]
-                      for n in completion.new_instances],
-                "de": epoch if completion.reset_history else None,
-            }
-            if lock is not None:
-                for task in completion.activities:
-                    self._task_tokens[lock.lock_token] = task.instance_id
+                self._task_tokens[lock.lock_token] = task.instance_id
 
         sets, values, removes = await self._record_update(iid, completion.instance, staged)
         sets += ["ep = :ep", "hl = :hl"]
         values[":ep"], values[":hl"] = c.n(new_epoch), c.n(new_length)
-        fxid = uuid.uuid4().hex
-        if effects is not None:
-            encoded = c.dumps(effects)
-            sets += ["fxid = :fxid", "xs = :xs", "xa = :xa"]
-            values[":fxid"], values[":xs"], values[":xa"] = (
-                c.s(fxid), c.s(str(hash(iid) % _SHARDS)), c.n(now))
-            if len(encoded) <= c.INLINE_LIMIT:
-                sets.append("fx = :fx")
-                values[":fx"] = c.b(encoded)
-                removes.append("fxr")
-            else:
-                ref = await self._put_blob(iid, encoded)
-                staged.append(ref)
-                sets.append("fxr = :fxr")
-                values[":fxr"] = c.s(ref)
-                removes.append("fx")
         if completion.release:
             removes += ["lt", "lu"]
         values[":t"] = c.s(token)
-        update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
-        actions: list[dict[str, Any]] = [{"Update": {
-            "TableName": self.table, "Key": c.row_key(iid), "UpdateExpression": update,
-            "ConditionExpression": "lt = :t", "ExpressionAttributeValues": values}}]
+        actions: list[dict[str, Any]] = []
         if completion.new_history:
             framed = c.frame(c.check_bytes(e, "history event") for e in completion.new_history)
             history: c.Item = {"pk": c.s(c.instance_pk(iid)),
@@ -606,24 +573,129 @@ class DynamoDBBackend:
                 history["er"] = c.s(ref)
             actions.append({"Put": {"TableName": self.table, "Item": history}})
 
-        codes = await self._transact(actions)
-        if codes is not None:
-            if codes and codes[0] == "ConditionalCheckFailed":
+        # A small step puts its effects in the commit transaction itself and leaves its hints
+        # on the row (cleared by its next commit, or re-sent by the sweeper if this process
+        # dies before sending them). A big one (or one creating instances / dropping history)
+        # records its effects on the row and rolls them forward after the commit.
+        sends = (_hints_for_messages(completion.messages)
+                 + [_Send(t.instance_id, t.id, due=(now + lock.lease_seconds) if lock else 0.0)
+                    for t in completion.activities])
+        inline = await self._inline_effects(completion, now, staged)
+        fxid = uuid.uuid4().hex
+        effects: dict[str, Any] | None = None
+        shard = c.s(str(hash(iid) % _SHARDS))
+        if inline is not None:
+            actions += inline
+            if sends:
+                sets += ["hx = :hx", "hxid = :fxid", "xs = :xs", "xa = :xa"]
+                values[":hx"] = c.b(c.dumps([[x.instance_id, x.task_id, x.due] for x in sends]))
+                values[":fxid"], values[":xs"], values[":xa"] = c.s(fxid), shard, c.n(now)
+            else:
+                removes += ["hx", "hxid", "xs", "xa"]
+        else:
+            effects = {
+                "c": list(completion.consumed),
+                "m": [c.message_to_json(m) for m in completion.messages],
+                "a": [c.task_to_json(t) for t in completion.activities],
+                "al": None if lock is None else [lock.lock_token, lock.lease_seconds],
+                "at": now,
+                "n": [[c.record_to_json(n.record), c.message_to_json(n.start)]
+                      for n in completion.new_instances],
+                "de": epoch if completion.reset_history else None,
+            }
+            encoded = c.dumps(effects)
+            sets += ["fxid = :fxid", "xs = :xs", "xa = :xa"]
+            values[":fxid"], values[":xs"], values[":xa"] = c.s(fxid), shard, c.n(now)
+            removes += ["hx", "hxid"]
+            if len(encoded) <= c.INLINE_LIMIT:
+                sets.append("fx = :fx")
+                values[":fx"] = c.b(encoded)
+                removes.append("fxr")
+            else:
+                ref = await self._put_blob(iid, encoded)
+                staged.append(ref)
+                sets.append("fxr = :fxr")
+                values[":fxr"] = c.s(ref)
+                removes.append("fx")
+        update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
+        actions.insert(0, {"Update": {
+            "TableName": self.table, "Key": c.row_key(iid), "UpdateExpression": update,
+            "ConditionExpression": "lt = :t", "ExpressionAttributeValues": values}})
+
+        for _ in range(len(actions)):
+            codes = await self._transact(actions)
+            if codes is None:
+                break
+            if codes and codes[0] == "ConditionalCheckFailed":  # the lease was lost
                 self._held.pop(token, None)
                 self._kept.pop(token, None)
                 for ref in staged:
                     await self._delete_blob(iid, ref)
                 return False
-            raise RuntimeError(f"transaction for {iid!r} cancelled: {codes}")
+            failed = {i for i, code in enumerate(codes) if code == "ConditionalCheckFailed"}
+            if not failed:
+                raise RuntimeError(f"transaction for {iid!r} cancelled: {codes}")
+            # A message or task id that was already delivered/queued: keep the existing one.
+            actions = [a for i, a in enumerate(actions) if i not in failed]
+        if codes is not None:
+            raise RuntimeError(f"transaction for {iid!r} kept being cancelled: {codes}")
         if completion.release:
             self._held.pop(token, None)
         else:
             self._held[token] = (iid, new_epoch, new_length)
         if effects is not None:
             await self._apply(iid, effects, fxid, encoded_ref=None)
-        if completion.release:
-            await self._recheck(iid, token)
+            if completion.release:
+                await self._recheck(iid, token)
+        else:
+            self._note_local_due(completion.messages)
+            if completion.release:
+                await asyncio.gather(self._send_hints(sends), self._recheck(iid, token))
+            else:
+                await self._send_hints(sends)
+            if completion.activities and lock is None:
+                self._events[WorkKind.ACTIVITY].set()
         return True
+
+    async def _inline_effects(self, completion: OrchestrationCompletion, now: float,
+                              staged: list[str]) -> list[dict[str, Any]] | None:
+        """The step's effects as transaction actions, or None if they must be rolled forward
+        (new instances, a history reset, or too many/too big for one transaction)."""
+        if completion.new_instances or completion.reset_history:
+            return None
+        count = len(set(completion.consumed)) + len(completion.messages) + len(
+            completion.activities)
+        if count > _TX_ACTIONS - 2:
+            return None
+        size = sum(len(m.data) for m in completion.messages) + sum(
+            len(t.data) for t in completion.activities) + sum(
+            len(v) for v in (completion.instance.input, completion.instance.output,
+                             completion.instance.custom_status, completion.instance.failure)
+            if v is not None) + sum(len(e) for e in completion.new_history)
+        if size > _TX_BYTES:
+            return None
+        iid = completion.instance_id
+        pk = c.s(c.instance_pk(iid))
+        actions: list[dict[str, Any]] = [
+            {"Put": {"TableName": self.table, "Item": {"pk": pk, "sk": c.s("M#" + mid)}}}
+            for mid in dict.fromkeys(completion.consumed)]
+        seen = {(iid, mid) for mid in completion.consumed}
+        for message in completion.messages:
+            if (message.instance_id, message.id) in seen:
+                continue
+            seen.add((message.instance_id, message.id))
+            item = await self._message_item(message)
+            if "dr" in item:
+                staged.append(item["dr"]["S"])
+            actions.append({"Put": {"TableName": self.table, "Item": item,
+                                    "ConditionExpression": "attribute_not_exists(pk)"}})
+        lock = completion.activity_lock
+        for task in dict((t.id, t) for t in completion.activities).values():
+            item = await self._task_item(task, None if lock is None else [
+                lock.lock_token, lock.lease_seconds], now)
+            actions.append({"Put": {"TableName": self.table, "Item": item,
+                                    "ConditionExpression": "attribute_not_exists(pk)"}})
+        return actions
 
     async def _record_update(self, instance_id: str, record: InstanceRecord,
                              staged: list[str]) -> tuple[list[str], dict[str, Any], list[str]]:
@@ -940,9 +1012,20 @@ class DynamoDBBackend:
             return 1
         instance_id = pk[2:]
         row = await self._get_row(instance_id)
-        if row is None or "fxid" not in row:
+        if row is None:
             return 0
-        await self._roll_forward(instance_id, row)
+        if "fxid" in row:
+            await self._roll_forward(instance_id, row)
+            return 1
+        hxid = c.text(row, "hxid")
+        if hxid is None:
+            return 0
+        await self._send_hints([_Send(i, t, d) for i, t, d in c.loads(row["hx"]["B"])])
+        with contextlib.suppress(botocore.exceptions.ClientError):
+            await self._ddb("UpdateItem", Key=c.row_key(instance_id),
+                            UpdateExpression="REMOVE hx, hxid, xs, xa",
+                            ConditionExpression="hxid = :h",
+                            ExpressionAttributeValues={":h": c.s(hxid)})
         return 1
 
     # -- effects (roll-forward) ------------------------------------------------------------
@@ -967,24 +1050,26 @@ class DynamoDBBackend:
         """Apply one step's effects (each part idempotent), send their hints, then clear them
         from the row (only if they are still the same effects)."""
         pk = c.s(c.instance_pk(instance_id))
-        await self._batch_write([{"PutRequest": {"Item": {"pk": pk, "sk": c.s("M#" + mid)}}}
-                                 for mid in effects["c"]])
         sends: list[_Send] = []
+        # New instances first: creating one over a terminal instance clears its inbox, and
+        # this step's messages to it must land in the new inbox.
         for record_json, start_json in effects["n"]:
             sends += await self._put_instance(c.record_from_json(record_json),
                                               c.message_from_json(start_json),
                                               fail_if_live=False, outbox=False)
         messages = [c.message_from_json(m) for m in effects["m"]]
-        await asyncio.gather(*(self._deliver(m) for m in messages))
-        sends += _hints_for_messages(messages)
         lock = effects["al"]
         at = float(effects["at"])
         tasks = [c.task_from_json(t) for t in effects["a"]]
-        await asyncio.gather(*(self._put_task(t, lock, at) for t in tasks))
+        await asyncio.gather(
+            self._batch_write([{"PutRequest": {"Item": {"pk": pk, "sk": c.s("M#" + mid)}}}
+                               for mid in effects["c"]]),
+            *(self._deliver(m) for m in messages),
+            *(self._put_task(t, lock, at) for t in tasks),
+            *([self._drop_old_history(instance_id)] if effects["de"] is not None else []))
+        sends += _hints_for_messages(messages)
         sends += [_Send(t.instance_id, t.id, due=(at + float(lock[1])) if lock else 0.0)
                   for t in tasks]
-        if effects["de"] is not None:
-            await self._drop_old_history(instance_id)
         await self._send_hints(sends)
         self._note_local_due(messages)
         with contextlib.suppress(botocore.exceptions.ClientError):
@@ -1115,7 +1200,8 @@ class DynamoDBBackend:
                 await self._delete_blob(message.instance_id, item["dr"]["S"])
             return False
 
-    async def _put_task(self, task: ActivityTask, lock: list[Any] | None, at: float) -> None:
+    async def _task_item(self, task: ActivityTask, lock: list[Any] | None,
+                         at: float) -> c.Item:
         item: c.Item = {**c.task_key(task.instance_id, task.id), "dc": c.n(0)}
         if len(task.data) <= c.INLINE_LIMIT:
             item["d"] = c.b(task.data)
@@ -1124,6 +1210,10 @@ class DynamoDBBackend:
         if lock is not None:
             item.update({"lt": c.s(str(lock[0])), "lu": c.n(at + float(lock[1])),
                          "dc": c.n(1)})
+        return item
+
+    async def _put_task(self, task: ActivityTask, lock: list[Any] | None, at: float) -> None:
+        item = await self._task_item(task, lock, at)
         try:
             await self._ddb("PutItem", Item=item, ConditionExpression="attribute_not_exists(pk)")
         except botocore.exceptions.ClientError as exc:
