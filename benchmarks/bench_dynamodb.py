@@ -41,29 +41,9 @@ from typing import Any
 import aioflow
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import app, chain, fanout  # the SQLite benchmark's workload, unchanged
 from servers.aws_local import AwsEndpoints, aws_servers
-
-app = aioflow.App()
-
-
-@app.activity
-async def inc(x: int) -> int:
-    return x + 1
-
-
-@app.orchestrator
-async def chain(ctx: aioflow.OrchestrationContext, n: int) -> int:
-    value = 0
-    for _ in range(n):
-        value = await ctx.call_activity(inc, value)
-    return value
-
-
-@app.orchestrator
-async def fanout(ctx: aioflow.OrchestrationContext, n: int) -> int:
-    results = await asyncio.gather(*(ctx.call_activity(inc, i) for i in range(n)))
-    return sum(results)
-
 
 _READS = {"GetItem", "Query", "BatchGetItem", "Scan", "DescribeTable"}
 _WRITES = {"PutItem", "UpdateItem", "DeleteItem", "TransactWriteItems", "BatchWriteItem"}
