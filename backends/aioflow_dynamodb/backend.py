@@ -1,32 +1,37 @@
 """`DynamoDBBackend`: the aioflow backend protocol on DynamoDB (state) and SQS (wake-ups).
 
-Design in one paragraph
------------------------
+Design
+------
 
 DynamoDB is the only source of truth. Every instance is one partition of one table (layout in
 `aioflow_dynamodb._codec`). SQS carries *hints* only: small messages naming an instance (or an
 activity task) that may have work. A worker receives hints, then decides everything from
 DynamoDB with conditional writes, so a lost, duplicated, late or early hint can delay work but
-never corrupt it. Three mechanisms make sure work is never stranded by a lost hint:
+never corrupt it. These mechanisms make sure every step is atomic and no work is stranded:
 
-* **Fenced commit + roll-forward.** An orchestration step commits with ONE small
-  TransactWriteItems (the instance row, conditional on the lock token, plus one history item).
-  The row also records the step's *effects* (messages consumed and sent, activity tasks, new
-  instances, old history to drop; offloaded to blob items when large). After the commit the
-  effects are applied, each idempotently (conditional puts by message/task id), hints are sent,
-  and the effects record is cleared. Whoever finds a row with effects pending (the next locker,
-  a purge, or the sweeper) applies them first. So a step is all-or-nothing however many
-  messages or tasks it produces: no 100-action or 4 MB transaction limit is ever reached.
-* **Outbox + sweeper.** Writes from clients (`create_instance`, `send_messages`) put an outbox
-  item with their hints in the same transaction and delete it once the hints are sent. Rows with
-  pending effects and outbox items are in the sparse ``sweep`` index; `sweep()` (run in the
-  background by `wait_for_work` every `sweep_interval` seconds) finishes any older than
-  `sweep_grace` seconds, i.e. left behind by a process that died between its DynamoDB commit
-  and its SQS send.
+* **Fenced commit.** An orchestration step commits with ONE TransactWriteItems whose row update
+  is conditional on the lock token: the row, one history item, the consumed-message markers,
+  the outbound messages and the activity tasks (conditional puts by id, so a re-sent id keeps
+  the stored one). Its hints are written on the row in the same transaction and stay there
+  until the next commit overwrites them.
+* **Roll-forward for big steps.** A step that would exceed the transaction limits (100 actions,
+  4 MB), creates sub-orchestrations or resets its history commits a small fenced transaction
+  that records its *effects* on the row instead (offloaded to blob items when large). They are
+  applied right after the commit, each idempotently, then cleared. Whoever finds a row with
+  effects pending (the next locker, a create/purge, the sweeper) applies them first, so a step
+  is never half-applied and no AWS limit is ever reached.
+* **Outbox + sweeper.** Client writes (`create_instance`, `send_messages`) put an outbox item
+  with their hints in their transaction and delete it once the hints are sent. Rows with hints
+  or effects pending and outbox items are in the sparse ``sweep`` index; `sweep()` (run in the
+  background by `wait_for_work` every `sweep_interval` seconds) re-sends / finishes any older
+  than `sweep_grace` seconds, i.e. left behind by a process that died between its DynamoDB
+  commit and its SQS send. `complete_activities` sends its hints before it deletes the task, so
+  a crash in between re-runs the activity (whose repeated result is a no-op that hints again).
 * **Lease hints.** A worker that locks an instance or a task keeps one hint invisible for the
   lease (or sends a delayed one); if the worker dies, the hint reappears when the lease expires
-  and another worker takes over. A worker that finds an instance locked deletes the hint: the
-  holder re-reads the inbox when it releases the instance and re-hints if messages remain.
+  and another worker takes over. A hint for an instance someone else holds is hidden until that
+  lease ends, and the holder re-reads the inbox when it releases the instance and re-hints if
+  messages arrived meanwhile.
 
 Timers of any length: a hint for a delayed message carries its due time; SQS delays it by up
 to 15 minutes, and a receiver that gets it early hides it again until due (up to 11 hours per
@@ -42,6 +47,12 @@ Guarantees and limits
   from a query for a moment (rows are then read with strong consistency).
 * The ids of consumed messages are kept (a key-only item each) until the instance is purged or
   replaced, as idempotence requires; payloads are deleted when consumed.
+* Storage left behind until the instance is purged: the blob parts of a large payload field
+  that a later step replaced, and of a large message once consumed.
+* Replacing a terminal instance (create over it, or a sub-orchestration with its id) deletes
+  its items and then writes the new row conditionally; two processes doing the same roll-forward
+  at the very same moment could both clear the old items, the second possibly deleting messages
+  the new instance received in between (a narrow race the sweeper's grace period makes unlikely).
 * Lease calls on an activity task (`renew_activity_lease`, `abandon_activity`) must come from
   the process that locked it or committed it with an `ActivityLock` (as the worker does): the
   task's instance is found from the lock token.

@@ -1,7 +1,8 @@
 """Local stand-ins for AWS, started by the test run: moto (DynamoDB) and ElasticMQ (SQS).
 
 * DynamoDB: moto's standalone server from PyPI (``moto[server]``, Apache-2.0), run as its own
-  process (``python -m moto.server``). Amazon's DynamoDB Local is not used: its licence is the
+  process (`moto_serial`: moto's server app, one request at a time, as DynamoDB applies each
+  write atomically). Amazon's DynamoDB Local is not used: its licence is the
   vendor's own, not an open-source one, which this project's package rules exclude.
 * SQS: ElasticMQ (``org.elasticmq:elasticmq-server_2.13``, Apache-2.0) from Maven Central,
   fetched with Maven (`elasticmq-pom.xml` beside this file) into
@@ -168,7 +169,7 @@ def aws_servers(logs: Path) -> Iterator[AwsEndpoints]:
     try:
         with _process([java, "-Xmx512m", f"-Dconfig.file={config}", "-cp", f"{jars}/*",
                        "org.elasticmq.server.Main"], logs / "elasticmq.log") as sqs, \
-             _process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+             _process([sys.executable, str(_HERE / "moto_serial.py"), "127.0.0.1",
                        str(ddb_port)], logs / "moto.log") as ddb:
             _wait_http(f"http://127.0.0.1:{ddb_port}/moto-api/", ddb, logs / "moto.log",
                        "moto (DynamoDB)")
