@@ -506,3 +506,45 @@ def test_entry_point_and_connect_resolve_the_scheme() -> None:
     assert entry.load() is aioflow_dynamodb.open_backend
     store = aioflow.connect("dynamodb://?region=eu-west-1&table_prefix=x")
     assert isinstance(store, DynamoDBBackend)
+
+
+# -- eternal orchestrations stay bounded -------------------------------------------------------
+
+_eternal = aioflow.App()
+
+
+@_eternal.activity
+async def _tick(n: int) -> int:
+    return n + 1
+
+
+@_eternal.orchestrator
+async def _eternal_monitor(ctx: aioflow.OrchestrationContext, state: dict[str, int]) -> int | None:
+    n = await ctx.call_activity(_tick, state["n"])
+    if n >= state["rounds"]:
+        return n  # type: ignore[no-any-return]
+    ctx.continue_as_new({"n": n, "rounds": state["rounds"]})
+    return None
+
+
+async def test_an_eternal_orchestration_does_not_grow_its_partition(
+    backend: DynamoDBBackend, aws_endpoints: AwsEndpoints  # noqa: F811
+) -> None:
+    """Each continue-as-new drops the previous execution's history and forgets the ids of the
+    messages it consumed, so a loop that runs forever keeps a bounded number of items."""
+    worker = aioflow.Worker(_eternal, backend, poll_interval=0.02, watchdog_seconds=0)
+    async with worker:
+        client = aioflow.Client(backend)
+        iid = await client.start_new(_eternal_monitor, {"n": 0, "rounds": 25})
+        status = await client.wait_for_completion(iid, timeout=60)
+    assert status.output == 25, f"the loop must run 25 rounds, got {status}"
+    async with raw_clients(aws_endpoints) as (ddb, _):
+        paginator = ddb.get_paginator("query")
+        keys = [i["sk"]["S"] async for page in paginator.paginate(
+            TableName=backend.table, KeyConditionExpression="pk = :p",
+            ProjectionExpression="sk", ExpressionAttributeValues={":p": {"S": f"I#{iid}"}})
+            for i in page["Items"]]
+    assert len(keys) <= 12, (
+        f"after 25 executions the instance keeps {len(keys)} items: old histories and "
+        f"consumed-message ids must be dropped at continue-as-new (3+ per round otherwise): "
+        f"{sorted(keys)}")

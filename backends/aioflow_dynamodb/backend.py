@@ -45,8 +45,9 @@ Guarantees and limits
 * `query_instances` and `purge_instances(query=...)` read the ``by-created`` global secondary
   index, which is eventually consistent on AWS: an instance created a moment ago may be missing
   from a query for a moment (rows are then read with strong consistency).
-* The ids of consumed messages are kept (a key-only item each) until the instance is purged or
-  replaced, as idempotence requires; payloads are deleted when consumed.
+* The ids of consumed messages are kept (a key-only item each) as idempotence requires, until
+  the instance is purged or replaced or continues as new (a new execution forgets the ids its
+  predecessors consumed, so eternal orchestrations stay bounded).
 * Storage left behind until the instance is purged: the blob parts of a large payload field
   that a later step replaced, and of a large message once consumed.
 * Replacing a terminal instance (create over it, or a sub-orchestration with its id) deletes
@@ -1102,12 +1103,19 @@ class DynamoDBBackend:
             ExpressionAttributeValues={":p": c.s(c.instance_pk(instance_id)), ":a": c.s("H#"),
                                        ":b": c.s(c.history_prefix(int(c.num(row, "ep"))))},
             ProjectionExpression="pk, sk, er")
+        # A new execution may forget the ids its predecessors consumed (the runtime drops late
+        # copies of an old execution's messages): eternal orchestrations stay bounded.
+        consumed = await self._query_all(
+            KeyConditionExpression="pk = :p AND begins_with(sk, :m)",
+            FilterExpression="attribute_not_exists(q)",
+            ExpressionAttributeValues={":p": c.s(c.instance_pk(instance_id)), ":m": c.s("M#")},
+            ProjectionExpression="pk, sk")
         for item in old:
             ref = c.text(item, "er")
             if ref is not None:
                 await self._delete_blob(instance_id, ref)
         await self._batch_write([{"DeleteRequest": {"Key": {"pk": i["pk"], "sk": i["sk"]}}}
-                                 for i in old])
+                                 for i in old + consumed])
 
     async def _put_instance(self, record: InstanceRecord, start: Message, *,
                             fail_if_live: bool, outbox: bool) -> list[_Send]:
