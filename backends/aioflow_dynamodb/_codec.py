@@ -7,8 +7,8 @@ sort key           item
 =================  ==========================================================================
 ``R``              the instance row: record fields, lock (``lt`` token, ``lu`` locked until),
                    ``gen`` (bumped when a terminal instance is replaced), history epoch ``ep``
-                   and length ``hl``, and, between a step's commit and its roll-forward, the
-                   step's pending effects ``fx`` (see `backend`)
+                   and length ``hl``, the last step's hints ``hx``, and, between a big step's
+                   commit and its roll-forward, its pending effects ``fx`` (see `backend`)
 ``H#ep#first``     history: the events a step appended, framed into one binary attribute
 ``M#message_id``   an inbox message; while pending it has the order key ``q`` (indexed by the
                    local secondary index ``pending``), its data and ``v`` (visible at); once

@@ -1370,10 +1370,16 @@ class DynamoDBBackend:
 
     async def _transact(self, actions: list[dict[str, Any]]) -> list[str] | None:
         """Run TransactWriteItems, retrying on conflicts; None on success, else the
-        per-action cancellation codes."""
+        per-action cancellation codes.
+
+        The client request token makes a retry of a transaction that was applied, but whose
+        answer was lost (a timeout), return success instead of failing its own conditions.
+        """
+        request_token = uuid.uuid4().hex
         for attempt in range(8):
             try:
-                await self._ddb_plain("TransactWriteItems", TransactItems=actions)
+                await self._ddb_plain("TransactWriteItems", TransactItems=actions,
+                                      ClientRequestToken=request_token)
                 return None
             except botocore.exceptions.ClientError as exc:
                 if error_code(exc) != "TransactionCanceledException":
