@@ -548,3 +548,36 @@ async def test_an_eternal_orchestration_does_not_grow_its_partition(
         f"after 25 executions the instance keeps {len(keys)} items: old histories and "
         f"consumed-message ids must be dropped at continue-as-new (3+ per round otherwise): "
         f"{sorted(keys)}")
+
+
+async def test_a_message_arriving_while_another_worker_holds_the_instance_is_not_delayed(
+    aws_endpoints: AwsEndpoints,  # noqa: F811
+) -> None:
+    """A worker that receives the hint of a message for an instance someone else holds flags
+    the instance and drops the hint; the holder's release sees the flag and re-hints, so the
+    message is handled right after the release, not when the (60 s) lease would have ended."""
+    options = aws_endpoints.options()
+    async with DynamoDBBackend(**options) as holder, \
+            DynamoDBBackend(**options) as other:  # type: ignore[arg-type]
+        await holder.create_instance(record("busy", RuntimeStatus.RUNNING),
+                                     message("busy", "start"))
+        (item,) = await lock_until(holder, 1)
+        await other.send_messages([message("busy", "late")])
+        flagged = False
+        async with raw_clients(aws_endpoints) as (ddb, _):
+            for _ in range(50):  # the hint arrives, finds the lock, flags the row
+                assert await other.lock_orchestrations("o", max_items=5, lease_seconds=60) == []
+                row = (await ddb.get_item(TableName=other.table, ConsistentRead=True, Key={
+                    "pk": {"S": "I#busy"}, "sk": {"S": "R"}}))["Item"]
+                if "wk" in row:
+                    flagged = True
+                    break
+                await asyncio.sleep(0.05)
+        assert flagged, "the hint for a held instance must flag its row"
+        done = OrchestrationCompletion("busy", item.lock_token, item.instance,
+                                       consumed=["start"])
+        assert await holder.complete_orchestrations([done]) == [True]
+        began = time.monotonic()
+        (woken,) = await lock_until(other, 1, seconds=10)
+        assert [m.id for m in woken.messages] == ["late"]
+        assert time.monotonic() - began < 5, "the message must not wait for the lease to end"

@@ -29,9 +29,10 @@ never corrupt it. These mechanisms make sure every step is atomic and no work is
   a crash in between re-runs the activity (whose repeated result is a no-op that hints again).
 * **Lease hints.** A worker that locks an instance or a task keeps one hint invisible for the
   lease (or sends a delayed one); if the worker dies, the hint reappears when the lease expires
-  and another worker takes over. A hint for an instance someone else holds is hidden until that
-  lease ends, and the holder re-reads the inbox when it releases the instance and re-hints if
-  messages arrived meanwhile.
+  and another worker takes over. A hint for an instance someone else holds flags its row
+  (``wk``) and is deleted: the holder's releasing commit is conditional on the flag being
+  absent, so a flagged holder learns of it, re-reads the inbox and re-hints. Unflagged releases
+  (the common case) cost no extra read.
 
 Timers of any length: a hint for a delayed message carries its due time; SQS delays it by up
 to 15 minutes, and a receiver that gets it early hides it again until due (up to 11 hours per
@@ -164,6 +165,8 @@ class DynamoDBBackend:
         self._events = {k: asyncio.Event() for k in WorkKind}
         self._due: list[tuple[float, str]] = []  # local delayed messages: (visible_at, instance)
         self._held: dict[str, tuple[str, int, int]] = {}  # token -> (instance, epoch, length)
+        # token -> (ids handed out and not consumed yet, whether visible ones were left out)
+        self._handed: dict[str, tuple[set[str], bool]] = {}
         self._kept: dict[str, str] = {}  # lock token -> receipt of the hint kept for its lease
         self._task_receipts: dict[str, str] = {}  # task id -> receipt of its kept hint
         self._task_tokens: dict[str, str] = {}  # ActivityLock token -> instance id
@@ -439,8 +442,17 @@ class DynamoDBBackend:
 
     async def _lock_candidate(self, instance_id: str, hints: list[_Hint], lease: float,
                               max_messages: int) -> OrchestrationWorkItem | None:
-        status, item, due = await self._try_lock(instance_id, lease, max_messages)
+        status, item, due, holder = await self._try_lock(instance_id, lease, max_messages)
         kind = WorkKind.ORCHESTRATION
+        if status == _BUSY and holder is not None:
+            # Another worker holds it: flag the row, and that worker re-reads the inbox when it
+            # releases, so the hint can go. If it died, the hint it keeps for its lease (or
+            # its delayed safety hint) brings the instance back.
+            if not hints or await self._want(instance_id, holder):
+                status, due = _ABSENT, None
+            else:  # released or taken over meanwhile: look again
+                status, item, due, holder = await self._try_lock(instance_id, lease,
+                                                                 max_messages)
         extra = hints
         if status == _LOCKED:
             assert item is not None
@@ -451,8 +463,7 @@ class DynamoDBBackend:
                 await self._send_hints([_Send(instance_id, due=time.time() + lease)])
         elif status in (_EMPTY, _BUSY) and due is not None:
             # Not lockable until `due`: messages not visible yet (clock skew, an abandon's
-            # retry_after) or another worker's lease. Keep one hint hidden until then: for a
-            # lease it is what brings the instance back if that worker died.
+            # retry_after) or another worker's lease. Keep one hint hidden until then.
             if hints:
                 await self._hide_until(kind, hints[0], due)
                 extra = hints[1:]
@@ -462,16 +473,17 @@ class DynamoDBBackend:
             await self._quietly(self._sqs("DeleteMessage", kind, ReceiptHandle=hint.receipt))
         return item
 
-    async def _try_lock(self, instance_id: str, lease: float, max_messages: int,
-                        *, roll: bool = True) -> tuple[str, OrchestrationWorkItem | None,
-                                                       float | None]:
-        """Try to lock one instance. Returns (status, work item, earliest invisible message)."""
+    async def _try_lock(
+        self, instance_id: str, lease: float, max_messages: int, *, roll: bool = True
+    ) -> tuple[str, OrchestrationWorkItem | None, float | None, str | None]:
+        """Try to lock one instance. Returns (status, work item, earliest invisible message or
+        the end of the lease that blocks it, the blocking lock token)."""
         now = time.time()
         token = uuid.uuid4().hex
         try:
             response = await self._ddb(
                 "UpdateItem", Key=c.row_key(instance_id),
-                UpdateExpression="SET lt = :t, lu = :u",
+                UpdateExpression="SET lt = :t, lu = :u REMOVE wk",
                 ConditionExpression="attribute_exists(nm) AND attribute_not_exists(fxid) AND "
                                     "(attribute_not_exists(lu) OR lu <= :now)",
                 ExpressionAttributeValues={":t": c.s(token), ":u": c.n(now + lease),
@@ -482,33 +494,56 @@ class DynamoDBBackend:
                 raise
             old = exc.response.get("Item")
             if not old or "nm" not in old:
-                return _ABSENT, None, None
+                return _ABSENT, None, None, None
             if "fxid" in old and roll:
                 await self._roll_forward(instance_id, old)
                 return await self._try_lock(instance_id, lease, max_messages, roll=False)
-            return _BUSY, None, c.num(old, "lu")
+            return _BUSY, None, c.num(old, "lu"), c.text(old, "lt")
         row = response["Attributes"]
-        messages, due = await self._pending(instance_id, time.time(), max_messages)
+        messages, due, truncated = await self._pending(instance_id, time.time(), max_messages)
         if not messages:
-            await self._unlock(instance_id, token)
-            return _EMPTY, None, due
+            if await self._unlock(instance_id, token):
+                await self._send_hints([_Send(instance_id)])  # flagged while we looked
+            return _EMPTY, None, due, None
         epoch, length = int(c.num(row, "ep")), int(c.num(row, "hl"))
         self._held[token] = (instance_id, epoch, length)
+        self._handed[token] = ({m.id for m in messages}, truncated)
         record = await self._decode_row(instance_id, row)
-        return _LOCKED, OrchestrationWorkItem(record, messages, length, token), due
+        return _LOCKED, OrchestrationWorkItem(record, messages, length, token), due, None
 
-    async def _unlock(self, instance_id: str, token: str) -> None:
-        with contextlib.suppress(botocore.exceptions.ClientError):
+    async def _unlock(self, instance_id: str, token: str) -> bool:
+        """Release a lock that found nothing to do; True if a hint flagged the row meanwhile."""
+        try:
+            response = await self._ddb(
+                "UpdateItem", Key=c.row_key(instance_id), UpdateExpression="REMOVE lt, lu, wk",
+                ConditionExpression="lt = :t", ExpressionAttributeValues={":t": c.s(token)},
+                ReturnValues="ALL_OLD")
+        except botocore.exceptions.ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            return False
+        return "wk" in response.get("Attributes", {})
+
+    async def _want(self, instance_id: str, holder: str) -> bool:
+        """Flag a row locked under `holder` as wanted (a hint came while it was held); False
+        if `holder` no longer holds it."""
+        try:
             await self._ddb("UpdateItem", Key=c.row_key(instance_id),
-                            UpdateExpression="REMOVE lt, lu", ConditionExpression="lt = :t",
-                            ExpressionAttributeValues={":t": c.s(token)})
+                            UpdateExpression="SET wk = :w", ConditionExpression="lt = :h",
+                            ExpressionAttributeValues={":w": c.n(1), ":h": c.s(holder)})
+            return True
+        except botocore.exceptions.ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            return False
 
     async def _pending(self, instance_id: str, now: float,
-                       limit: int) -> tuple[list[Message], float | None]:
-        """Visible inbox messages in send order (at most `limit`), and the earliest
-        visible_at of the invisible ones (None if there are none)."""
+                       limit: int) -> tuple[list[Message], float | None, bool]:
+        """Visible inbox messages in send order (at most `limit`), the earliest visible_at of
+        the invisible ones (None if there are none), and whether visible ones were left out."""
         messages: list[Message] = []
         earliest: float | None = None
+        truncated = False
         start_key = None
         while True:
             kwargs: dict[str, Any] = {
@@ -525,9 +560,11 @@ class DynamoDBBackend:
                 elif len(messages) < limit:
                     data = await self._value(instance_id, item, "d")
                     messages.append(Message(item["sk"]["S"][2:], instance_id, data, visible_at))
+                else:
+                    truncated = True
             start_key = response.get("LastEvaluatedKey")
             if not start_key:
-                return messages, earliest
+                return messages, earliest, truncated
 
     async def complete_orchestrations(
         self, completions: Sequence[OrchestrationCompletion]
@@ -630,16 +667,30 @@ class DynamoDBBackend:
                 values[":fxr"] = c.s(ref)
                 removes.append("fx")
         update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
-        actions.insert(0, {"Update": {
+        # A release also requires that no hint flagged the row while it was held (see
+        # `_lock_candidate`); if one did, commit anyway and re-read the inbox after.
+        row_update: dict[str, Any] = {
             "TableName": self.table, "Key": c.row_key(iid), "UpdateExpression": update,
-            "ConditionExpression": "lt = :t", "ExpressionAttributeValues": values}})
-
-        for _ in range(len(actions)):
+            "ConditionExpression": "lt = :t AND attribute_not_exists(wk)"
+                                   if completion.release else "lt = :t",
+            "ExpressionAttributeValues": values}
+        actions.insert(0, {"Update": row_update})
+        wanted = False
+        for _ in range(len(actions) + 1):
             codes = await self._transact(actions)
             if codes is None:
                 break
-            if codes and codes[0] == "ConditionalCheckFailed":  # the lease was lost
-                self._held.pop(token, None)
+            if codes and codes[0] == "ConditionalCheckFailed":
+                if completion.release and not wanted:
+                    row = await self._get_row(iid, projection="lt")
+                    if row is not None and c.text(row, "lt") == token:  # flagged, still ours
+                        wanted = True
+                        row_update["ConditionExpression"] = "lt = :t"
+                        row_update["UpdateExpression"] = update + (
+                            ", wk" if removes else " REMOVE wk")
+                        continue
+                self._held.pop(token, None)  # the lease was lost
+                self._handed.pop(token, None)
                 self._kept.pop(token, None)
                 for ref in staged:
                     await self._delete_blob(iid, ref)
@@ -651,18 +702,26 @@ class DynamoDBBackend:
             actions = [a for i, a in enumerate(actions) if i not in failed]
         if codes is not None:
             raise RuntimeError(f"transaction for {iid!r} kept being cancelled: {codes}")
+        # Messages the step knows it left in the inbox (beyond max_messages, or handed out and
+        # not consumed) need a hint after the release, as do ones flagged meanwhile.
+        handed, truncated = self._handed.get(token, (set(), True))
+        left = handed - set(completion.consumed)
+        wanted = wanted or truncated or bool(left)
         if completion.release:
             self._held.pop(token, None)
+            self._handed.pop(token, None)
         else:
             self._held[token] = (iid, new_epoch, new_length)
+            self._handed[token] = (left, truncated)
         if effects is not None:
             await self._apply(iid, effects, fxid, encoded_ref=None)
             if completion.release:
-                await self._recheck(iid, token)
+                await self._after_release(iid, token, wanted)
         else:
             self._note_local_due(completion.messages)
             if completion.release:
-                await asyncio.gather(self._send_hints(sends), self._recheck(iid, token))
+                await asyncio.gather(self._send_hints(sends),
+                                     self._after_release(iid, token, wanted))
             else:
                 await self._send_hints(sends)
             if completion.activities and lock is None:
@@ -733,13 +792,12 @@ class DynamoDBBackend:
                 removes.append(inline)
         return sets, values, removes
 
-    async def _recheck(self, instance_id: str, token: str) -> None:
-        """After a release: hints that arrived while the instance was locked are hidden until
-        the lease's end, so re-hint now if messages are visible; otherwise drop the hint kept
-        for the lease."""
+    async def _after_release(self, instance_id: str, token: str, wanted: bool) -> None:
+        """After a release: if hints came while the instance was held (`wanted`), re-hint if
+        messages are visible now; otherwise drop the hint kept for the lease."""
         receipt = self._kept.pop(token, None)
-        messages, _ = await self._pending(instance_id, time.time(), 1)
         kind = WorkKind.ORCHESTRATION
+        messages = (await self._pending(instance_id, time.time(), 1))[0] if wanted else []
         if messages:
             if receipt is None or not await self._set_visibility(kind, receipt, 0):
                 await self._send_hints([_Send(instance_id)])
@@ -753,11 +811,13 @@ class DynamoDBBackend:
         """Release the lock without committing; lockable again after `retry_after` seconds.
         A stale token is ignored."""
         self._held.pop(lock_token, None)
+        self._handed.pop(lock_token, None)
         until = time.time() + retry_after
         try:
             await self._ddb(
                 "UpdateItem", Key=c.row_key(instance_id),
-                UpdateExpression="REMOVE lt SET lu = :u" if retry_after > 0 else "REMOVE lt, lu",
+                UpdateExpression="REMOVE lt, wk SET lu = :u" if retry_after > 0
+                else "REMOVE lt, lu, wk",
                 ConditionExpression="lt = :t",
                 ExpressionAttributeValues={":t": c.s(lock_token),
                                            **({":u": c.n(until)} if retry_after > 0 else {})})
@@ -883,7 +943,7 @@ class DynamoDBBackend:
             chosen = list(dict.fromkeys(woken))[:lock.max_items]
             outcomes = await asyncio.gather(*(
                 self._try_lock(iid, lock.lease_seconds, lock.max_messages) for iid in chosen))
-            items = [item for _, item, _ in outcomes if item is not None]
+            items = [item for _, item, _, _ in outcomes if item is not None]
         mine = {item.instance.instance_id for item in items}
         assert lock is not None or not mine
         sends = [_Send(iid, due=time.time() + lock.lease_seconds) if iid in mine and lock
