@@ -112,6 +112,9 @@ _LOCKED, _EMPTY, _BUSY, _ABSENT = "locked", "empty", "busy", "absent"
 _TX_ACTIONS = 90
 _TX_BYTES = 3 * 1024 * 1024
 _SHARDS = 4
+#: Seconds after which a locker applies a committed step's pending effects itself (their
+#: committer normally has by then; applying twice is harmless but costs the writes twice).
+_ROLL_FORWARD_AFTER = 2.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -170,6 +173,7 @@ class DynamoDBBackend:
         self._kept: dict[str, str] = {}  # lock token -> receipt of the hint kept for its lease
         self._task_receipts: dict[str, str] = {}  # task id -> receipt of its kept hint
         self._task_tokens: dict[str, str] = {}  # ActivityLock token -> instance id
+        self._applying: set[str] = set()  # ids of effects this process is applying
         self._order = 0
         self._last_sweep = time.monotonic()
         self._sweeper: asyncio.Task[int] | None = None
@@ -495,9 +499,14 @@ class DynamoDBBackend:
             old = exc.response.get("Item")
             if not old or "nm" not in old:
                 return _ABSENT, None, None, None
-            if "fxid" in old and roll:
-                await self._roll_forward(instance_id, old)
-                return await self._try_lock(instance_id, lease, max_messages, roll=False)
+            if "fxid" in old:
+                # Effects of a committed step are being applied. Its committer does that right
+                # after the commit: help only when they look abandoned, else look again soon.
+                if (roll and c.text(old, "fxid") not in self._applying
+                        and c.num(old, "xa") < now - _ROLL_FORWARD_AFTER):
+                    await self._roll_forward(instance_id, old)
+                    return await self._try_lock(instance_id, lease, max_messages, roll=False)
+                return _EMPTY, None, now + _ROLL_FORWARD_AFTER, None
             return _BUSY, None, c.num(old, "lu"), c.text(old, "lt")
         row = response["Attributes"]
         messages, due, truncated = await self._pending(instance_id, time.time(), max_messages)
@@ -1121,6 +1130,14 @@ class DynamoDBBackend:
                      encoded_ref: str | None) -> None:
         """Apply one step's effects (each part idempotent), send their hints, then clear them
         from the row (only if they are still the same effects)."""
+        self._applying.add(fxid)
+        try:
+            await self._apply_effects(instance_id, effects, fxid, encoded_ref=encoded_ref)
+        finally:
+            self._applying.discard(fxid)
+
+    async def _apply_effects(self, instance_id: str, effects: dict[str, Any], fxid: str, *,
+                             encoded_ref: str | None) -> None:
         pk = c.s(c.instance_pk(instance_id))
         sends: list[_Send] = []
         # New instances first: creating one over a terminal instance clears its inbox, and
