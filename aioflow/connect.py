@@ -21,6 +21,7 @@ _BUILTIN = {
     "sqlite": "aioflow_sqlite:open_backend",
     "memory": "aioflow.testing.memory:open_backend",
     "mongodb": "aioflow_mongodb:open_backend",
+    "dynamodb": "aioflow_dynamodb:open_backend",
 }
 
 

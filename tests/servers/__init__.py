@@ -1,0 +1,1 @@
+"""Local servers the test run starts itself (session-scoped pytest fixtures)."""
