@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from servers.aws_local import aws_endpoints  # noqa: F401
 from servers.ferretdb import mongodb_database, mongodb_server  # noqa: F401
 from web_support import PREFIX, SERVER_BACKENDS, BackendUrl, service
 
@@ -102,13 +103,22 @@ async def test_start_poll_raise_event_terminate_query_and_purge_over_http(base_u
         status, document = await poll(http, doomed["statusQueryGetUri"], until="Terminated")
         assert status == 200 and document["output"] == "too slow"
 
-        # 4. Query the finished ones, then purge each through its purge URL.
-        async with http.get(f"{base_url}{PREFIX}/instances",
-                            params={"runtimeStatus": "Completed,Terminated"}) as response:
-            assert response.status == 200
-            found = {item["instanceId"]: item["runtimeStatus"] for item in await response.json()}
-        assert found == {order["id"]: "Completed", approval["id"]: "Completed",
-                         doomed["id"]: "Terminated"}
+        # 4. Query the finished ones, then purge each through its purge URL. Queries may lag
+        #    behind status reads on a store whose query index is eventually consistent
+        #    (DynamoDB's GSIs), so a client retries a query briefly, as this one does.
+        expected = {order["id"]: "Completed", approval["id"]: "Completed",
+                    doomed["id"]: "Terminated"}
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while True:
+            async with http.get(f"{base_url}{PREFIX}/instances",
+                                params={"runtimeStatus": "Completed,Terminated"}) as response:
+                assert response.status == 200
+                found = {item["instanceId"]: item["runtimeStatus"]
+                         for item in await response.json()}
+            if found == expected or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert found == expected
         for started in (order, approval, doomed):
             async with http.delete(started["purgeHistoryDeleteUri"]) as response:
                 assert response.status == 200

@@ -38,6 +38,8 @@ SERVER_BACKENDS: list[Any] = [
     *BACKENDS,
     pytest.param(lambda request, tmp: request.getfixturevalue("mongodb_server").url(
         request.getfixturevalue("mongodb_database")), id="mongodb"),
+    pytest.param(lambda request, tmp: request.getfixturevalue("aws_endpoints").url(),
+                 id="dynamodb"),
 ]
 
 flow = aioflow.App()
