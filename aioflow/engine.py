@@ -696,13 +696,19 @@ class OrchestrationExecutor:
                 f"@app.entity")
         return eid
 
-    def call_entity(self, entity_id: Any, operation: str, input: Any) -> asyncio.Future[Any]:
+    def _entity_operation(self, entity_id: Any, operation: str,
+                          input: Any) -> tuple[EntityId, Any]:
+        """Check an operation for an entity and its input, before anything is scheduled."""
         eid = self._entity(entity_id, operation)
         if not operation:
             raise ValueError("an entity operation name must not be empty")
         payload = to_json_value(input, what=f"the input of operation {operation!r} of entity "
                                             f"{eid}")
         self._check_can_schedule()
+        return eid, payload
+
+    def call_entity(self, entity_id: Any, operation: str, input: Any) -> asyncio.Future[Any]:
+        eid, payload = self._entity_operation(entity_id, operation, input)
         section = self._section
         if section is not None and eid.instance_id not in section[1]:
             raise EntityLockError(
@@ -715,12 +721,7 @@ class OrchestrationExecutor:
         return future
 
     def signal_entity(self, entity_id: Any, operation: str, input: Any) -> None:
-        eid = self._entity(entity_id, operation)
-        if not operation:
-            raise ValueError("an entity operation name must not be empty")
-        payload = to_json_value(input, what=f"the input of operation {operation!r} of entity "
-                                            f"{eid}")
-        self._check_can_schedule()
+        eid, payload = self._entity_operation(entity_id, operation, input)
         self._entity_command(eid.instance_id, operation, payload, "signal")
 
     def lock_entities(self, entity_ids: tuple[Any, ...]) -> CriticalSection:
