@@ -39,7 +39,10 @@ Times are UTC epoch seconds (floats) everywhere in this module.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -62,6 +65,8 @@ __all__ = [
     "PurgeResult",
     "RuntimeStatus",
     "WorkKind",
+    "decode_continuation",
+    "encode_continuation",
 ]
 
 
@@ -242,6 +247,31 @@ class PurgeResult:
 class WorkKind(str, enum.Enum):  # noqa: UP042 - StrEnum would change str() of members
     ORCHESTRATION = "orchestration"
     ACTIVITY = "activity"
+
+
+def encode_continuation(created_time: float, instance_id: str) -> str:
+    """An opaque `query_instances` continuation token for a page ending at the instance with
+    this sort key (queries are ordered by (created_time, instance_id)). Backends may use it so
+    that every store gives out the same kind of token."""
+    raw = json.dumps([created_time, instance_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_continuation(token: str) -> tuple[float, str]:
+    """The (created_time, instance_id) sort key in a token from `encode_continuation`.
+
+    Raises ValueError, saying what to pass instead, for anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(token.encode("ascii") + b"=" * (-len(token) % 4))
+        created_time, instance_id = json.loads(raw)
+        if isinstance(created_time, bool) or not isinstance(created_time, (int, float)) \
+                or not isinstance(instance_id, str):
+            raise TypeError(token)
+    except (ValueError, TypeError, UnicodeEncodeError, binascii.Error) as exc:
+        raise ValueError(
+            f"invalid continuation token {token!r}: pass back exactly the token a previous "
+            f"query_instances call returned") from exc
+    return float(created_time), instance_id
 
 
 @runtime_checkable

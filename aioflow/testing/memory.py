@@ -20,11 +20,8 @@ production load.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import dataclasses
 import itertools
-import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +42,8 @@ from aioflow.backend import (
     OrchestrationWorkItem,
     PurgeResult,
     WorkKind,
+    decode_continuation,
+    encode_continuation,
 )
 from aioflow.errors import ConfigurationError, InstanceExistsError
 
@@ -155,7 +154,7 @@ class MemoryBackend:
         """
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {page_size}")
-        after = None if continuation is None else _decode_continuation(continuation)
+        after = None if continuation is None else decode_continuation(continuation)
         matches = sorted(
             (
                 instance.record
@@ -168,7 +167,7 @@ class MemoryBackend:
             matches = [record for record in matches if _sort_key(record) > after]
         page = [dataclasses.replace(record) for record in matches[:page_size]]
         more = len(matches) > page_size
-        return page, (_encode_continuation(_sort_key(page[-1])) if more else None)
+        return page, (encode_continuation(*_sort_key(page[-1])) if more else None)
 
     async def purge_instances(
         self, *, instance_id: str | None = None, query: InstanceQuery | None = None
@@ -575,26 +574,6 @@ def _matches(record: InstanceRecord, query: InstanceQuery) -> bool:
 
 def _sort_key(record: InstanceRecord) -> tuple[float, str]:
     return (record.created_time, record.instance_id)
-
-
-def _encode_continuation(key: tuple[float, str]) -> str:
-    raw = json.dumps(list(key), separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode("ascii")
-
-
-def _decode_continuation(token: str) -> tuple[float, str]:
-    try:
-        created_time, instance_id = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
-        if isinstance(created_time, bool) or not isinstance(created_time, (int, float)):
-            raise TypeError(created_time)
-        if not isinstance(instance_id, str):
-            raise TypeError(instance_id)
-    except (ValueError, TypeError, UnicodeEncodeError, binascii.Error) as exc:
-        raise ValueError(
-            f"invalid continuation token {token!r}: pass back the token a previous "
-            f"query_instances call returned, unchanged"
-        ) from exc
-    return float(created_time), instance_id
 
 
 # -- URLs --------------------------------------------------------------------------------------

@@ -89,6 +89,8 @@ from aioflow.backend import (
     OrchestrationWorkItem,
     PurgeResult,
     WorkKind,
+    decode_continuation,
+    encode_continuation,
 )
 from aioflow.errors import InstanceExistsError
 from aioflow.status import RuntimeStatus
@@ -291,7 +293,7 @@ class DynamoDBBackend:
         """
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, not {page_size!r}")
-        after = None if continuation is None else _decode_continuation(continuation)
+        after = None if continuation is None else decode_continuation(continuation)
         rows: list[InstanceRecord] = []
         async for record in self._matching(query, after):
             rows.append(record)
@@ -299,7 +301,9 @@ class DynamoDBBackend:
                 break
         page = rows[:page_size]
         more = len(rows) > page_size
-        return page, (_encode_continuation(page[-1]) if more else None)
+        if not more:
+            return page, None
+        return page, encode_continuation(page[-1].created_time, page[-1].instance_id)
 
     async def _matching(self, query: InstanceQuery, after: tuple[float, str] | None) -> Any:
         """Matching records in (created_time, instance_id) order, strictly after `after`."""
@@ -1637,27 +1641,3 @@ def _matches(record: InstanceRecord, query: InstanceQuery) -> bool:
         and (query.instance_id_prefix is None
              or record.instance_id.startswith(query.instance_id_prefix))
     )
-
-
-def _encode_continuation(record: InstanceRecord) -> str:
-    import base64
-
-    raw = c.dumps([record.created_time, record.instance_id])
-    return base64.urlsafe_b64encode(raw).decode("ascii")
-
-
-def _decode_continuation(token: str) -> tuple[float, str]:
-    import base64
-    import binascii
-
-    try:
-        created, instance_id = c.loads(base64.urlsafe_b64decode(token.encode("ascii")))
-        if isinstance(created, bool) or not isinstance(created, (int, float)):
-            raise TypeError(created)
-        if not isinstance(instance_id, str):
-            raise TypeError(instance_id)
-    except (ValueError, TypeError, UnicodeEncodeError, binascii.Error) as exc:
-        raise ValueError(
-            f"invalid continuation token {token!r}: pass back the token a previous "
-            f"query_instances call returned, unchanged") from exc
-    return float(created), instance_id

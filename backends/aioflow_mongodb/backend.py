@@ -39,7 +39,6 @@ See the package README section for the collections, indexes and the recommended 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import heapq
 import json
@@ -70,6 +69,8 @@ from aioflow.backend import (
     PurgeResult,
     RuntimeStatus,
     WorkKind,
+    decode_continuation,
+    encode_continuation,
 )
 from aioflow.errors import AioflowError, ConfigurationError, InstanceExistsError
 
@@ -411,7 +412,7 @@ class MongoBackend:
             raise ValueError(f"page_size must be at least 1, not {page_size!r}")
         filters = _where(query)
         if continuation is not None:
-            created, last = _decode_continuation(continuation)
+            created, last = decode_continuation(continuation)
             filters.append({"$or": [{"ct": {"$gt": created}},
                                     {"ct": created, "_id": {"$gt": last}}]})
         await self._open()
@@ -426,7 +427,7 @@ class MongoBackend:
                 _docs.row_refs(fields))))
         token = None
         if len(docs) > page_size:
-            token = _encode_continuation(docs[page_size - 1]["ct"], docs[page_size - 1]["_id"])
+            token = encode_continuation(docs[page_size - 1]["ct"], docs[page_size - 1]["_id"])
         return records, token
 
     async def purge_instances(
@@ -955,25 +956,6 @@ def _and(filters: list[Doc]) -> Doc:
     if not filters:
         return {}
     return filters[0] if len(filters) == 1 else {"$and": filters}
-
-
-def _encode_continuation(created_time: float, instance_id: str) -> str:
-    raw = json.dumps([created_time, instance_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
-
-
-def _decode_continuation(token: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        created_time, instance_id = json.loads(raw)
-        if not isinstance(instance_id, str) or isinstance(created_time, bool) \
-                or not isinstance(created_time, (int, float)):
-            raise TypeError(token)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(
-            f"invalid continuation token {token!r}: pass back exactly the token a previous "
-            f"query_instances call returned") from exc
-    return float(created_time), instance_id
 
 
 # -- names ---------------------------------------------------------------------------------------

@@ -13,8 +13,6 @@ implicit transactions, so a lone SELECT outside `write_transaction` is its own r
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +30,8 @@ from aioflow.backend import (
     OrchestrationCompletion,
     OrchestrationLock,
     OrchestrationWorkItem,
+    decode_continuation,
+    encode_continuation,
 )
 from aioflow.errors import InstanceExistsError
 from aioflow.status import RuntimeStatus
@@ -228,25 +228,6 @@ def _where(query: InstanceQuery, *, terminal_only: bool = False) -> tuple[list[s
         clauses.append("substr(instance_id, 1, ?) = ?")
         params.extend((len(query.instance_id_prefix), query.instance_id_prefix))
     return clauses, params
-
-
-def encode_continuation(created_time: float, instance_id: str) -> str:
-    raw = json.dumps([created_time, instance_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
-
-
-def decode_continuation(token: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        created_time, instance_id = json.loads(raw)
-        if not isinstance(instance_id, str) or not isinstance(created_time, (int, float)):
-            raise TypeError
-    except (ValueError, TypeError) as exc:
-        raise ValueError(
-            f"invalid continuation token {token!r}: pass back exactly the token a previous "
-            f"query_instances call returned"
-        ) from exc
-    return float(created_time), instance_id
 
 
 def query_instances(
