@@ -14,6 +14,7 @@ from aioflow import (
     Backend,
     Client,
     EntityId,
+    RuntimeStatus,
     SerializationError,
     UnknownFunctionError,
     Worker,
@@ -132,14 +133,23 @@ class EntitySuite(SuiteBase):
         assert "multiply" in status.output[1][1] and "close" in status.output[2][1], status.output
         assert status.output[3] == 2, "an unknown operation leaves the state untouched"
 
-    async def test_an_unregistered_entity_reached_without_the_app_check_fails_each_call(
+    async def test_an_operation_for_an_unregistered_entity_is_consumed_and_changes_nothing(
             self, backend: Backend, client: Client) -> None:
-        """A client without an app cannot check names: the worker answers instead."""
-        async with self.make_worker(backend):
-            await Client(backend).signal_entity(EntityId("ghost", "k"), "add", 1)
-            await asyncio.sleep(self.timer_seconds)
-            state = await client.read_entity_state(EntityId("ghost", "k"))
+        """A client without an app cannot check names: the worker meets the unknown name,
+        consumes the operation (it must not come back forever) and stores no state."""
+        ghost = EntityId("ghost", self.unique("k"))
+        async with self.make_worker(backend) as worker:
+            await Client(backend).signal_entity(ghost, "add", 1)
+
+            async def handled() -> bool:
+                status = await client.get_status(ghost.instance_id)
+                return status is not None and status.runtime_status is RuntimeStatus.RUNNING
+
+            await self.wait_until(handled, f"a worker handled the operation sent to {ghost}")
+            state = await client.read_entity_state(ghost)
         assert not state.exists, f"an operation on an unknown entity changes nothing: {state}"
+        assert worker.stats["entity_operations"] == 1, (
+            f"the worker must apply (and reject) the one operation once: {worker.stats}")
 
     async def test_destruct_on_exit_deletes_the_state(
             self, worker: Worker, client: Client) -> None:
