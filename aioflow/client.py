@@ -47,6 +47,7 @@ from aioflow.status import FailureDetails, OrchestrationStatus, QueryPage, Runti
 __all__ = ["Client"]
 
 _MAX_ID_LENGTH = 256
+_KNOWN_ENTITIES_LIMIT = 10_000
 
 
 def _dt(ts: float) -> datetime:
@@ -110,6 +111,8 @@ class Client:
             else backend
         self.app = app
         self.clock = clock
+        #: Entity instance ids known to exist (signals to them need no existence check).
+        self._known_entities: set[str] = set()
 
     # -- starting --------------------------------------------------------------------------
     async def start_new(self, fn_or_name: Any, input: Any = None, *,
@@ -290,13 +293,23 @@ class Client:
         record = InstanceRecord(
             instance_id=iid, name=f"{ENTITY_PREFIX}{eid.name}", execution_id="entity",
             runtime_status=RuntimeStatus.PENDING, created_time=now, last_updated_time=now)
-        if await self.backend.get_instance(iid) is None:
-            try:
-                await self.backend.create_instance(record, message)
-                return
-            except InstanceExistsError:
-                pass  # created meanwhile by someone else: deliver as an ordinary message
+        # An entity's row is never deleted once created (entities never finish, and only
+        # finished instances are purged), so one look per entity id is enough per client.
+        if iid not in self._known_entities:
+            if await self.backend.get_instance(iid) is None:
+                try:
+                    await self.backend.create_instance(record, message)
+                    self._remember_entity(iid)
+                    return
+                except InstanceExistsError:
+                    pass  # created meanwhile by someone else: deliver as an ordinary message
+            self._remember_entity(iid)
         await self.backend.send_messages([message])
+
+    def _remember_entity(self, instance_id: str) -> None:
+        if len(self._known_entities) >= _KNOWN_ENTITIES_LIMIT:
+            self._known_entities.clear()  # bounded memory; a forgotten id costs one more read
+        self._known_entities.add(instance_id)
 
     async def read_entity_state(
             self, entity_id: EntityId | str | tuple[str, str]) -> EntityState:
