@@ -237,6 +237,21 @@ class DynamoDBBackend:
             await self._open()
         return await self._aws.ddb(operation, TableName=self.table, **kwargs)
 
+    async def _update_under_token(self, key: dict[str, Any], token: str, update: str,
+                                  values: dict[str, Any] | None = None,
+                                  **options: Any) -> dict[str, Any] | None:
+        """`UpdateItem` on `key` only while its lock token is `token` (the fencing check of
+        every release, renewal and abandon); None when the token is no longer current."""
+        try:
+            response: dict[str, Any] = await self._ddb(
+                "UpdateItem", Key=key, UpdateExpression=update, ConditionExpression="lt = :t",
+                ExpressionAttributeValues={":t": c.s(token), **(values or {})}, **options)
+        except botocore.exceptions.ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                raise
+            return None
+        return response
+
     async def _sqs(self, operation: str, kind: WorkKind, **kwargs: Any) -> Any:
         if not self._opened:
             await self._open()
@@ -526,16 +541,9 @@ class DynamoDBBackend:
 
     async def _unlock(self, instance_id: str, token: str) -> bool:
         """Release a lock that found nothing to do; True if a hint flagged the row meanwhile."""
-        try:
-            response = await self._ddb(
-                "UpdateItem", Key=c.row_key(instance_id), UpdateExpression="REMOVE lt, lu, wk",
-                ConditionExpression="lt = :t", ExpressionAttributeValues={":t": c.s(token)},
-                ReturnValues="ALL_OLD")
-        except botocore.exceptions.ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise
-            return False
-        return "wk" in response.get("Attributes", {})
+        response = await self._update_under_token(
+            c.row_key(instance_id), token, "REMOVE lt, lu, wk", ReturnValues="ALL_OLD")
+        return response is not None and "wk" in response.get("Attributes", {})
 
     async def _want(self, instance_id: str, holder: str) -> bool:
         """Flag a row locked under `holder` as wanted (a hint came while it was held); False
@@ -826,17 +834,14 @@ class DynamoDBBackend:
         self._held.pop(lock_token, None)
         self._handed.pop(lock_token, None)
         until = time.time() + retry_after
-        try:
-            await self._ddb(
-                "UpdateItem", Key=c.row_key(instance_id),
-                UpdateExpression="REMOVE lt, wk SET lu = :u" if retry_after > 0
-                else "REMOVE lt, lu, wk",
-                ConditionExpression="lt = :t",
-                ExpressionAttributeValues={":t": c.s(lock_token),
-                                           **({":u": c.n(until)} if retry_after > 0 else {})})
-        except botocore.exceptions.ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise
+        if retry_after > 0:
+            released = await self._update_under_token(
+                c.row_key(instance_id), lock_token, "REMOVE lt, wk SET lu = :u",
+                {":u": c.n(until)})
+        else:
+            released = await self._update_under_token(
+                c.row_key(instance_id), lock_token, "REMOVE lt, lu, wk")
+        if released is None:
             return
         receipt = self._kept.pop(lock_token, None)
         kind = WorkKind.ORCHESTRATION
@@ -852,13 +857,8 @@ class DynamoDBBackend:
     ) -> bool:
         """Extend the lease to now + `lease_seconds`; False if the token is not current."""
         until = time.time() + lease_seconds
-        try:
-            await self._ddb("UpdateItem", Key=c.row_key(instance_id),
-                            UpdateExpression="SET lu = :u", ConditionExpression="lt = :t",
-                            ExpressionAttributeValues={":t": c.s(lock_token), ":u": c.n(until)})
-        except botocore.exceptions.ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise
+        if await self._update_under_token(c.row_key(instance_id), lock_token, "SET lu = :u",
+                                          {":u": c.n(until)}) is None:
             return False
         receipt = self._kept.get(lock_token)
         if receipt is None or not await self._set_visibility(
@@ -977,13 +977,8 @@ class DynamoDBBackend:
         instance_id = self._task_instance(lock_token)
         if instance_id is None:
             return
-        try:
-            await self._ddb("UpdateItem", Key=c.task_key(instance_id, task_id),
-                            UpdateExpression="REMOVE lt, lu", ConditionExpression="lt = :t",
-                            ExpressionAttributeValues={":t": c.s(lock_token)})
-        except botocore.exceptions.ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise
+        if await self._update_under_token(c.task_key(instance_id, task_id), lock_token,
+                                          "REMOVE lt, lu") is None:
             return
         receipt = self._task_receipts.pop(task_id, None)
         if receipt is None or not await self._set_visibility(WorkKind.ACTIVITY, receipt, 0):
@@ -998,13 +993,8 @@ class DynamoDBBackend:
         if instance_id is None:
             return False
         until = time.time() + lease_seconds
-        try:
-            await self._ddb("UpdateItem", Key=c.task_key(instance_id, task_id),
-                            UpdateExpression="SET lu = :u", ConditionExpression="lt = :t",
-                            ExpressionAttributeValues={":t": c.s(lock_token), ":u": c.n(until)})
-        except botocore.exceptions.ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                raise
+        if await self._update_under_token(c.task_key(instance_id, task_id), lock_token,
+                                          "SET lu = :u", {":u": c.n(until)}) is None:
             return False
         receipt = self._task_receipts.get(task_id)
         if receipt is None or not await self._set_visibility(
