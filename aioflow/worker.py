@@ -460,10 +460,10 @@ class Worker:
                 completion.messages.append(message)
                 continue
             created.add(target)
-            name = target[len(ENTITY_PREFIX):].partition("@")[0]
             completion.new_instances.append(NewInstance(
                 record=InstanceRecord(
-                    instance_id=target, name=f"{ENTITY_PREFIX}{name}", execution_id="entity",
+                    instance_id=target, name=f"{ENTITY_PREFIX}{EntityId.parse(target).name}",
+                    execution_id="entity",
                     runtime_status=RuntimeStatus.PENDING, created_time=now,
                     last_updated_time=now),
                 start=message))
